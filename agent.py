@@ -1,0 +1,113 @@
+"""Planning in latent space with the cross-entropy method (PlaNet Sec. 2, Algorithm 2; official
+`control/planning.py`), and the agent that filters observations and acts with it."""
+import numpy as np
+import torch
+
+from model import features
+from utils import preprocess_observation
+
+
+@torch.no_grad()
+def cem_plan(rssm, reward_model, belief, state, horizon=12, iterations=10, candidates=1000,
+             top_candidates=100):
+    """Plan from the beliefs `(B, H)` and state samples `(B, S)` of B independent agents.
+
+    Every candidate of an agent starts from that agent's one state sample. The belief over action
+    sequences starts at N(0, I) `(horizon, B, 1, A)`; each iteration samples `candidates` sequences,
+    clips them to [-1, 1], rolls them out with the prior (sampled states), scores each by the sum
+    of predicted rewards over the horizon, and refits mean and population std to the best
+    `top_candidates`. All candidates of all agents are one batch: no Python loop over candidates
+    and no host sync. Returns the first action of the final mean, `(B, A)`.
+    """
+    batch, action_size = belief.shape[0], rssm.action_size
+    belief = belief.repeat_interleave(candidates, dim=0)  # (B * J, H), agent-major.
+    state = state.repeat_interleave(candidates, dim=0)
+    mean = torch.zeros(horizon, batch, 1, action_size, device=belief.device)
+    std = torch.ones_like(mean)
+    for _ in range(iterations):
+        noise = torch.randn(horizon, batch, candidates, action_size, device=belief.device)
+        actions = (mean + std * noise).clamp(-1, 1)
+        beliefs, states = rssm.imagine(actions.reshape(horizon, batch * candidates, action_size),
+                                       belief, state)
+        returns = reward_model(features(beliefs, states)).sum(0).reshape(batch, candidates)
+        top = returns.topk(top_candidates, dim=1).indices  # (B, K)
+        best = actions.gather(2, top[None, :, :, None].expand(horizon, -1, -1, action_size))
+        mean = best.mean(2, keepdim=True)
+        std = (best.var(2, unbiased=False, keepdim=True) + 1e-6).sqrt()
+    return mean[0, :, 0]
+
+
+class Agent:
+    """Keeps the filtered belief of B environments and plans their next actions.
+
+    Call `observe(obs, action)` with each new observation and the action that was actually
+    executed to reach it (zeros at reset), then `act()`.
+    """
+
+    def __init__(self, model, planner_config, bit_depth=5, batch_size=1):
+        self.model = model
+        self.config = planner_config
+        self.bit_depth = bit_depth
+        self.device = next(model.parameters()).device
+        self.batch_size = batch_size
+        self.reset()
+
+    def reset(self):
+        self.belief, self.state = self.model.rssm.initial(self.batch_size, self.device)
+
+    @torch.no_grad()
+    def observe(self, obs, action):
+        """obs uint8 `(B, 3, 64, 64)`, action `(B, A)`: the posterior step of the filter."""
+        obs = preprocess_observation(torch.as_tensor(obs, device=self.device), self.bit_depth)
+        action = torch.as_tensor(action, dtype=torch.float32, device=self.device)
+        self.belief, _, posterior = self.model.rssm.obs_step(
+            self.state, action, self.belief, self.model.encoder(obs))
+        self.state = posterior.sample
+
+    def act(self, action_noise=0.0):
+        """Plan `(B, A)` actions, add N(0, action_noise^2) exploration noise, clip to [-1, 1]."""
+        action = cem_plan(self.model.rssm, self.model.reward_model, self.belief, self.state,
+                          **self.config)
+        if action_noise > 0:
+            action = action + action_noise * torch.randn_like(action)
+        return action.clamp(-1, 1).cpu().numpy()
+
+
+def play_episode(env, policy, on_frame=None):
+    """Run one episode. `policy(obs, previous_action) -> action` sees the newest observation and the
+    executed action that led to it. Returns the episode as arrays of length T + 1 with
+    `action[t]` the action that led to `obs[t]` and `reward[t]` its reward (zeros at reset)."""
+    obs, _ = env.reset()
+    action = np.zeros(env.action_space.shape, dtype=np.float32)
+    episode = {"obs": [obs], "action": [action], "reward": [0.0]}
+    done = False
+    while not done:
+        if on_frame is not None:
+            on_frame(obs)
+        action = np.clip(policy(obs, action), -1, 1).astype(np.float32)
+        obs, reward, terminated, truncated, _ = env.step(action)
+        done = terminated or truncated
+        episode["obs"].append(obs)
+        episode["action"].append(action)
+        episode["reward"].append(reward)
+    if on_frame is not None:
+        on_frame(obs)
+    return {"obs": np.stack(episode["obs"]), "action": np.stack(episode["action"]),
+            "reward": np.array(episode["reward"], dtype=np.float32)}
+
+
+def planner_policy(agent, action_noise=0.0):
+    """A single-env `policy` for `play_episode` that filters with the executed action, then plans."""
+    agent.reset()
+
+    def policy(obs, previous_action):
+        agent.observe(obs[None], previous_action[None])
+        return agent.act(action_noise)[0]
+
+    return policy
+
+
+def random_policy(env, rng):
+    """Uniform random actions in the action space, for the seed episodes."""
+    low, high = env.action_space.low, env.action_space.high
+    return lambda obs, previous_action: rng.uniform(low, high).astype(np.float32)

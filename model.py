@@ -1,0 +1,245 @@
+"""PlaNet's world model (Hafner et al. 2019, Sec. 3 and Appendix A), sizes of the official code.
+
+Notation: `belief` is the deterministic GRU state h_t, `state` the stochastic latent s_t,
+`embed` the encoder's features e_t of the observation o_t. Shapes use T for time, B for batch.
+"""
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MIN_STD = 0.1  # Lower bound of the latent std (official `rssm.py`).
+LOG_2PI = math.log(2 * math.pi)
+
+
+class Gaussian(NamedTuple):
+    """A diagonal Gaussian over the latent state and one sample of it, each `(..., state_size)`."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    sample: torch.Tensor
+
+
+def stack_gaussians(gaussians):
+    """List of T `Gaussian`s of `(B, S)` -> one `Gaussian` of `(T, B, S)`."""
+    return Gaussian(*(torch.stack(field) for field in zip(*gaussians)))
+
+
+def gaussian_kl(q, p):
+    """KL(q || p) between diagonal Gaussians, summed over the last dimension: `(...)`."""
+    var_ratio = (q.std / p.std) ** 2
+    mahalanobis = ((q.mean - p.mean) / p.std) ** 2
+    return 0.5 * (var_ratio + mahalanobis - 1 - var_ratio.log()).sum(-1)
+
+
+def gaussian_nll(target, mean, dims):
+    """-log N(target | mean, 1), summed over the last `dims` dimensions, in nats."""
+    per_element = 0.5 * (target - mean) ** 2 + 0.5 * LOG_2PI
+    return per_element.sum(dim=tuple(range(-dims, 0))) if dims else per_element
+
+
+class Encoder(nn.Module):
+    """`(..., 3, 64, 64)` image in [-0.5, 0.5] -> `(..., 32 * depth)` embed (1024 by default)."""
+
+    def __init__(self, depth=32):
+        super().__init__()
+        self.embed_size = 32 * depth
+        self.convs = nn.Sequential(
+            nn.Conv2d(3, depth, 4, stride=2), nn.ReLU(),
+            nn.Conv2d(depth, 2 * depth, 4, stride=2), nn.ReLU(),
+            nn.Conv2d(2 * depth, 4 * depth, 4, stride=2), nn.ReLU(),
+            nn.Conv2d(4 * depth, 8 * depth, 4, stride=2), nn.ReLU(),
+        )
+
+    def forward(self, obs):
+        batch_shape = obs.shape[:-3]
+        embed = self.convs(obs.reshape(-1, *obs.shape[-3:]))
+        return embed.reshape(*batch_shape, self.embed_size)
+
+
+class RSSM(nn.Module):
+    """Recurrent state-space model: deterministic belief h_t plus stochastic state s_t (Sec. 3).
+
+    img_step (prior):       h_t = GRU(relu(W[s_{t-1}, a_{t-1}]), h_{t-1}),  s_t ~ p(s_t | h_t)
+    obs_step (posterior):   the prior step, then s_t ~ q(s_t | h_t, e_t)
+    """
+
+    def __init__(self, action_size, belief_size=200, state_size=30, hidden_size=200, embed_size=1024):
+        super().__init__()
+        self.action_size, self.belief_size, self.state_size = action_size, belief_size, state_size
+        self.fc_state_action = nn.Linear(state_size + action_size, hidden_size)
+        self.gru = nn.GRUCell(hidden_size, belief_size)
+        self.fc_prior_hidden = nn.Linear(belief_size, hidden_size)
+        self.fc_prior = nn.Linear(hidden_size, 2 * state_size)
+        self.fc_posterior_hidden = nn.Linear(belief_size + embed_size, hidden_size)
+        self.fc_posterior = nn.Linear(hidden_size, 2 * state_size)
+
+    @property
+    def feature_size(self):
+        return self.belief_size + self.state_size
+
+    def initial(self, batch_size, device):
+        """Zero belief `(B, belief_size)` and zero state `(B, state_size)`."""
+        return (torch.zeros(batch_size, self.belief_size, device=device),
+                torch.zeros(batch_size, self.state_size, device=device))
+
+    @staticmethod
+    def _gaussian(params):
+        mean, std = params.chunk(2, dim=-1)
+        std = F.softplus(std) + MIN_STD
+        return Gaussian(mean, std, mean + std * torch.randn_like(std))
+
+    def img_step(self, state, action, belief):
+        """One prior step: `(B, S)`, `(B, A)`, `(B, H)` -> belief `(B, H)`, prior `Gaussian`."""
+        x = F.relu(self.fc_state_action(torch.cat([state, action], dim=-1)))
+        belief = self.gru(x, belief)
+        prior = self._gaussian(self.fc_prior(F.relu(self.fc_prior_hidden(belief))))
+        return belief, prior
+
+    def obs_step(self, state, action, belief, embed):
+        """Prior step, then condition on the embed `(B, E)`: -> belief, prior, posterior."""
+        belief, prior = self.img_step(state, action, belief)
+        hidden = F.relu(self.fc_posterior_hidden(torch.cat([belief, embed], dim=-1)))
+        posterior = self._gaussian(self.fc_posterior(hidden))
+        return belief, prior, posterior
+
+    def observe(self, embeds, actions, belief, state):
+        """Filter a sequence. `embeds (T, B, E)`, `actions (T, B, A)` where `actions[t]` led to
+        the observation of `embeds[t]`. -> beliefs `(T, B, H)`, priors and posteriors `(T, B, S)`.
+        Posterior samples are fed forward, as in training and acting."""
+        beliefs, priors, posteriors = [], [], []
+        for embed, action in zip(embeds, actions):
+            belief, prior, posterior = self.obs_step(state, action, belief, embed)
+            state = posterior.sample
+            beliefs.append(belief)
+            priors.append(prior)
+            posteriors.append(posterior)
+        return torch.stack(beliefs), stack_gaussians(priors), stack_gaussians(posteriors)
+
+    def imagine(self, actions, belief, state):
+        """Open-loop rollout with prior samples. `actions (T, B, A)` -> beliefs `(T, B, H)`,
+        states `(T, B, S)`."""
+        beliefs, states = [], []
+        for action in actions:
+            belief, prior = self.img_step(state, action, belief)
+            state = prior.sample
+            beliefs.append(belief)
+            states.append(state)
+        return torch.stack(beliefs), torch.stack(states)
+
+
+def features(belief, state):
+    """The input of the heads: `[s_t, h_t]`, `(..., S + H)`."""
+    return torch.cat([state, belief], dim=-1)
+
+
+class ObservationModel(nn.Module):
+    """Features `(..., S + H)` -> mean of N(o_t, 1), `(..., 3, 64, 64)`."""
+
+    def __init__(self, belief_size=200, state_size=30, depth=32):
+        super().__init__()
+        self.embed_size = 32 * depth
+        self.fc = nn.Linear(belief_size + state_size, self.embed_size)  # No activation (official).
+        self.deconvs = nn.Sequential(
+            nn.ConvTranspose2d(self.embed_size, 4 * depth, 5, stride=2), nn.ReLU(),
+            nn.ConvTranspose2d(4 * depth, 2 * depth, 5, stride=2), nn.ReLU(),
+            nn.ConvTranspose2d(2 * depth, depth, 6, stride=2), nn.ReLU(),
+            nn.ConvTranspose2d(depth, 3, 6, stride=2),
+        )
+
+    def forward(self, feature):
+        batch_shape = feature.shape[:-1]
+        hidden = self.fc(feature).reshape(-1, self.embed_size, 1, 1)
+        return self.deconvs(hidden).reshape(*batch_shape, 3, 64, 64)
+
+
+class RewardModel(nn.Module):
+    """Features `(..., S + H)` -> mean of N(r_t, 1), `(...)`. Three hidden layers of 300 (official
+    code; the paper's text says two of 200)."""
+
+    def __init__(self, belief_size=200, state_size=30, hidden_size=300):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(belief_size + state_size, hidden_size), nn.ReLU(),
+            nn.Linear(hidden_size, hidden_size), nn.ReLU(),
+            nn.Linear(hidden_size, hidden_size), nn.ReLU(),
+            nn.Linear(hidden_size, 1),
+        )
+
+    def forward(self, feature):
+        return self.net(feature).squeeze(-1)
+
+
+class WorldModel(nn.Module):
+    """The four networks trained together; one `state_dict` holds them all."""
+
+    def __init__(self, action_size, belief_size=200, state_size=30, hidden_size=200,
+                 cnn_depth=32, reward_hidden_size=300):
+        super().__init__()
+        self.encoder = Encoder(cnn_depth)
+        self.rssm = RSSM(action_size, belief_size, state_size, hidden_size, self.encoder.embed_size)
+        self.observation_model = ObservationModel(belief_size, state_size, cnn_depth)
+        self.reward_model = RewardModel(belief_size, state_size, reward_hidden_size)
+
+    def loss(self, obs, actions, rewards, free_nats=3.0, reward_scale=10.0,
+             overshooting_distance=0, overshooting_kl_beta=1.0):
+        """The negative ELBO of Eq. 3, averaged over batch and time, plus optional latent
+        overshooting (Eq. 7).
+
+        obs `(T, B, 3, 64, 64)` preprocessed, actions `(T, B, A)` with `actions[t]` the action that
+        led to `obs[t]`, rewards `(T, B)` received on that transition.
+        Returns the total to minimise and a dict of detached terms, each in nats.
+        """
+        belief, state = self.rssm.initial(obs.shape[1], obs.device)
+        beliefs, priors, posteriors = self.rssm.observe(self.encoder(obs), actions, belief, state)
+        feature = features(beliefs, posteriors.sample)
+        image_nll = gaussian_nll(obs, self.observation_model(feature), dims=3).mean()
+        reward_nll = gaussian_nll(rewards, self.reward_model(feature), dims=0).mean()
+        # KL(posterior || prior) with free nats per (t, b) element; gradients reach both sides.
+        kl = gaussian_kl(posteriors, priors)
+        kl_loss = (kl - free_nats).clamp(min=0).mean()
+        total = image_nll + reward_scale * reward_nll + kl_loss
+        terms = {"image": image_nll, "reward": reward_nll, "kl": kl.mean(), "kl_free": kl_loss}
+        if overshooting_distance > 0:
+            overshooting = self._overshooting_kl(beliefs, posteriors, actions, overshooting_distance,
+                                                 free_nats)
+            total = total + overshooting_kl_beta * overshooting
+            terms["overshooting_kl"] = overshooting
+        terms["total"] = total
+        return total, {name: value.detach() for name, value in terms.items()}
+
+    def _overshooting_kl(self, beliefs, posteriors, actions, distance, free_nats):
+        """Latent overshooting (Sec. 4): from each posterior at t, predict d = 1..D steps open loop
+        and match the prior at t + d to the posterior there, whose gradient is stopped.
+        Every start t is rolled out in one batch of `(T * B)`."""
+        steps, batch = actions.shape[:2]
+        belief = beliefs.reshape(steps * batch, -1)
+        state = posteriors.sample.reshape(steps * batch, -1)
+        start = torch.arange(steps, device=actions.device)
+        kls = []
+        for d in range(1, min(distance, steps - 1) + 1):
+            target = (start + d).clamp(max=steps - 1)  # Starts past the end are masked below.
+            action = actions[target].reshape(steps * batch, -1)
+            belief, prior = self.rssm.img_step(state, action, belief)
+            state = prior.sample
+            posterior = Gaussian(*(x[target].reshape(steps * batch, -1).detach() for x in posteriors))
+            kl = gaussian_kl(posterior, prior).reshape(steps, batch)
+            valid = (start + d < steps).unsqueeze(1)
+            kls.append(((kl - free_nats).clamp(min=0) * valid).sum() / (valid.sum() * batch))
+        return torch.stack(kls).mean()
+
+    @torch.no_grad()
+    def predict_open_loop(self, obs, actions, context):
+        """Reconstruct the first `context` frames from posteriors, then predict the rest open loop
+        from the actions. `obs (T, B, 3, 64, 64)` preprocessed, `actions (T, B, A)` aligned as in
+        `loss`. -> predicted image means `(T, B, 3, 64, 64)`."""
+        belief, state = self.rssm.initial(obs.shape[1], obs.device)
+        beliefs, _, posteriors = self.rssm.observe(self.encoder(obs[:context]), actions[:context],
+                                                   belief, state)
+        imagined_beliefs, imagined_states = self.rssm.imagine(actions[context:], beliefs[-1],
+                                                              posteriors.sample[-1])
+        feature = torch.cat([features(beliefs, posteriors.sample),
+                             features(imagined_beliefs, imagined_states)])
+        return self.observation_model(feature)

@@ -1,0 +1,26 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+# A configuration small enough to train, test and predict in seconds on a CPU: short episodes,
+# small networks and a small planner, but the real dm_control env with real rendering.
+TINY_MODEL = {"belief_size": 16, "state_size": 4, "hidden_size": 16, "reward_hidden_size": 16,
+              "cnn_depth": 4}
+TINY_FLAGS = [
+    "--task", "cartpole-swingup", "--max-episode-length", "200", "--episodes", "4",
+    "--seed-episodes", "2", "--collect-interval", "3", "--batch-size", "4", "--chunk-length", "8",
+    "--horizon", "3", "--iterations", "2", "--candidates", "16", "--top-candidates", "4",
+    "--test-interval", "2", "--test-episodes", "2", "--checkpoint-interval", "1", "--device", "cpu",
+] + [arg for name, value in TINY_MODEL.items() for arg in ("--" + name.replace("_", "-"), str(value))]
+
+
+@pytest.fixture
+def tiny_model():
+    from model import WorldModel
+    return WorldModel(action_size=2, **TINY_MODEL)

@@ -1,0 +1,141 @@
+"""Shapes, parameter counts and the loss of the world model, against independent computations."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.distributions import Normal, kl_divergence
+
+from model import (RSSM, Encoder, Gaussian, ObservationModel, RewardModel, WorldModel,
+                   gaussian_kl)
+
+
+def count(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_paper_sizes_and_parameter_counts():
+    encoder, rssm, decoder, reward = Encoder(), RSSM(6), ObservationModel(), RewardModel()
+    assert (count(encoder), count(decoder), count(reward), count(rssm)) == (690_144, 3_795_555, 250_201, 557_920)
+    assert (rssm.belief_size, rssm.state_size, rssm.gru.hidden_size, encoder.embed_size) == (200, 30, 200, 1024)
+
+
+def test_shapes():
+    torch.manual_seed(0)
+    encoder, rssm, decoder, reward = Encoder(), RSSM(6), ObservationModel(), RewardModel()
+    obs = torch.rand(5, 2, 3, 64, 64) - 0.5
+    embed = encoder(obs)
+    assert embed.shape == (5, 2, 1024)
+    belief, state = rssm.initial(2, "cpu")
+    beliefs, priors, posteriors = rssm.observe(embed, torch.zeros(5, 2, 6), belief, state)
+    assert beliefs.shape == (5, 2, 200)
+    for gaussian in (priors, posteriors):
+        assert all(x.shape == (5, 2, 30) for x in gaussian)
+        assert (gaussian.std >= 0.1).all()
+    feature = torch.cat([posteriors.sample, beliefs], -1)
+    assert decoder(feature).shape == (5, 2, 3, 64, 64)
+    assert reward(feature).shape == (5, 2)
+    imagined_beliefs, imagined_states = rssm.imagine(torch.zeros(7, 2, 6), beliefs[-1], posteriors.sample[-1])
+    assert imagined_beliefs.shape == (7, 2, 200) and imagined_states.shape == (7, 2, 30)
+
+
+def test_kl_is_posterior_to_prior_and_matches_hand_computation():
+    q = Gaussian(torch.tensor([0.0]), torch.tensor([1.0]), None)
+    p = Gaussian(torch.tensor([1.0]), torch.tensor([2.0]), None)
+    # KL(N(0,1) || N(1,2)) = log 2 + (1 + 1) / 8 - 1/2; the reverse is 1/2 (4 + 1 - 1 - log 4).
+    assert gaussian_kl(q, p).item() == pytest.approx(math.log(2) + 0.25 - 0.5)
+    assert gaussian_kl(p, q).item() == pytest.approx(0.5 * (4 - math.log(4)))
+    mean, std = torch.randn(2, 4, 30), torch.rand(2, 4, 30) + 0.1
+    q, p = Gaussian(mean[0], std[0], None), Gaussian(mean[1], std[1], None)
+    expected = kl_divergence(Normal(mean[0], std[0]), Normal(mean[1], std[1])).sum(-1)
+    torch.testing.assert_close(gaussian_kl(q, p), expected)
+
+
+def independent_loss(model, obs, actions, rewards, free_nats, reward_scale):
+    """The loss of the spec written out step by step from the layers, with torch.distributions.
+    Draws the prior sample, then the posterior sample, at every step, as the RSSM does."""
+    rssm = model.rssm
+    steps, batch = actions.shape[:2]
+    belief = torch.zeros(batch, rssm.belief_size)
+    state = torch.zeros(batch, rssm.state_size)
+    embeds = model.encoder(obs)
+    image, reward, kl = 0.0, 0.0, []
+    for t in range(steps):
+        hidden = F.relu(rssm.fc_state_action(torch.cat([state, actions[t]], -1)))
+        belief = rssm.gru(hidden, belief)
+        prior_mean, prior_std = rssm.fc_prior(F.relu(rssm.fc_prior_hidden(belief))).chunk(2, -1)
+        prior = Normal(prior_mean, F.softplus(prior_std) + 0.1)
+        prior.rsample()  # Keeps the random stream aligned with the RSSM's prior sample.
+        post_mean, post_std = rssm.fc_posterior(
+            F.relu(rssm.fc_posterior_hidden(torch.cat([belief, embeds[t]], -1)))).chunk(2, -1)
+        posterior = Normal(post_mean, F.softplus(post_std) + 0.1)
+        state = posterior.rsample()
+        feature = torch.cat([state, belief], -1)
+        image = image - Normal(model.observation_model(feature), 1.0).log_prob(obs[t]).sum((1, 2, 3)).mean()
+        reward = reward - Normal(model.reward_model(feature), 1.0).log_prob(rewards[t]).mean()
+        kl.append(kl_divergence(posterior, prior).sum(-1))
+    kl = torch.stack(kl)
+    image, reward = image / steps, reward / steps
+    kl_free = torch.clamp(kl - free_nats, min=0).mean()
+    return image + reward_scale * reward + kl_free, {"image": image, "reward": reward, "kl": kl.mean(),
+                                                     "kl_free": kl_free}
+
+
+@pytest.mark.parametrize("free_nats", [0.0, 0.5, 3.0])
+def test_loss_matches_independent_computation(tiny_model, free_nats):
+    torch.manual_seed(1)
+    obs, actions, rewards = torch.rand(6, 3, 3, 64, 64) - 0.5, torch.rand(6, 3, 2) * 2 - 1, torch.randn(6, 3)
+    torch.manual_seed(2)
+    total, terms = tiny_model.loss(obs, actions, rewards, free_nats=free_nats, reward_scale=10.0)
+    torch.manual_seed(2)
+    expected_total, expected = independent_loss(tiny_model, obs, actions, rewards, free_nats, 10.0)
+    for name, value in expected.items():
+        torch.testing.assert_close(terms[name], value.detach(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(total, expected_total, rtol=1e-5, atol=1e-4)
+    assert terms["image"] > 64 * 64 * 3 * 0.5 * math.log(2 * math.pi)  # Nats, constant included.
+
+
+def test_free_nats_gate_the_kl_gradient_for_prior_and_posterior(tiny_model):
+    torch.manual_seed(0)
+    obs, actions, rewards = torch.rand(4, 2, 3, 64, 64) - 0.5, torch.zeros(4, 2, 2), torch.zeros(4, 2)
+
+    def grads(free_nats):
+        tiny_model.zero_grad()
+        torch.manual_seed(3)
+        tiny_model.loss(obs, actions, rewards, free_nats=free_nats)[0].backward()
+        return tiny_model.rssm.fc_prior.weight.grad.clone(), tiny_model.rssm.fc_posterior.weight.grad.clone()
+
+    prior_grad, posterior_grad = grads(0.0)
+    free_prior_grad, free_posterior_grad = grads(1e9)
+    assert prior_grad.abs().sum() > 0, "the KL must train the prior"
+    assert free_prior_grad.abs().sum() == 0, "a KL under the free nats must not train the prior"
+    assert not torch.allclose(posterior_grad, free_posterior_grad), "the KL must train the posterior"
+
+
+def test_latent_overshooting_adds_a_term_and_stops_target_gradients(tiny_model):
+    torch.manual_seed(0)
+    obs, actions, rewards = torch.rand(5, 2, 3, 64, 64) - 0.5, torch.rand(5, 2, 2), torch.zeros(5, 2)
+    torch.manual_seed(4)
+    _, plain = tiny_model.loss(obs, actions, rewards, free_nats=0.0)
+    torch.manual_seed(4)
+    total, terms = tiny_model.loss(obs, actions, rewards, free_nats=0.0, overshooting_distance=3,
+                                   overshooting_kl_beta=0.5)
+    assert terms["overshooting_kl"] > 0
+    torch.testing.assert_close(terms["total"], plain["total"] + 0.5 * terms["overshooting_kl"])
+    total.backward()
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in tiny_model.parameters())
+
+
+def test_open_loop_prediction_uses_posteriors_then_prior(tiny_model):
+    torch.manual_seed(0)
+    obs, actions = torch.rand(8, 1, 3, 64, 64) - 0.5, torch.rand(8, 1, 2)
+    prediction = tiny_model.predict_open_loop(obs, actions, context=3)
+    assert prediction.shape == (8, 1, 3, 64, 64)
+    # Open loop: frames after the context are never seen, so changing them changes nothing.
+    changed = obs.clone()
+    changed[5:] = 0.4
+    torch.manual_seed(5)
+    first = tiny_model.predict_open_loop(obs, actions, context=3)
+    torch.manual_seed(5)
+    second = tiny_model.predict_open_loop(changed, actions, context=3)
+    torch.testing.assert_close(first, second)

@@ -1,0 +1,86 @@
+"""Bit-depth processing, episode files and the replay buffer."""
+import numpy as np
+import pytest
+import torch
+
+from utils import (ReplayBuffer, episode_paths, load_episode, postprocess_observation,
+                   preprocess_observation, save_episode)
+
+
+def test_bit_depth_round_trip():
+    obs = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16).expand(3, 3, 16, 16)
+    x = preprocess_observation(obs, bit_depth=5)
+    assert x.dtype == torch.float32 and x.min() >= -0.5 and x.max() < 0.5
+    # The noise stays inside each of the 32 bins, so postprocessing recovers the bin exactly.
+    torch.testing.assert_close(postprocess_observation(x, bit_depth=5), (obs // 8) * 8)
+    # Dequantisation noise fills the bin: values of one bin spread over its width 1/32.
+    values = preprocess_observation(torch.full((10_000,), 100, dtype=torch.uint8), bit_depth=5)
+    assert values.min() >= 12 / 32 - 0.5 and values.max() < 13 / 32 - 0.5
+    assert values.max() - values.min() > 0.9 / 32
+
+
+def make_episode(episode_id, length, action_size=2):
+    """Frames stamped with (episode id, step) so that a chunk shows where it came from."""
+    obs = np.zeros((length + 1, 3, 64, 64), np.uint8)
+    obs[:, 0, 0, 0] = episode_id
+    obs[:, 0, 0, 1] = np.arange(length + 1)
+    action = np.full((length + 1, action_size), episode_id, np.float32)
+    action[0] = 0
+    reward = np.arange(length + 1, dtype=np.float32)
+    return {"obs": obs, "action": action, "reward": reward}
+
+
+def test_chunks_never_cross_an_episode_end_and_cover_every_start():
+    buffer = ReplayBuffer(chunk_length=10, seed=0)
+    lengths = [30, 9, 12, 50]  # Episode 1 (10 frames) holds one chunk, episode 2 holds four.
+    for i, length in enumerate(lengths):
+        buffer.add(make_episode(i, length))
+    starts = set()
+    for _ in range(200):
+        obs, action, reward = buffer.sample(batch_size=16)
+        assert obs.shape == (10, 16, 3, 64, 64) and action.shape == (10, 16, 2) and reward.shape == (10, 16)
+        episode_ids, steps = obs[:, :, 0, 0, 0].astype(int), obs[:, :, 0, 0, 1].astype(int)
+        assert (episode_ids == episode_ids[0]).all(), "a chunk mixes episodes"
+        assert (np.diff(steps, axis=0) == 1).all(), "a chunk is not consecutive"
+        assert (steps[-1] <= np.array(lengths)[episode_ids[0]]).all(), "a chunk runs past the end"
+        np.testing.assert_array_equal(reward, steps)
+        starts.update(zip(episode_ids[0], steps[0]))
+    valid = {(i, s) for i, length in enumerate(lengths) for s in range(length + 1 - 10 + 1)}
+    assert starts == valid  # Uniform over starts: with 3200 draws over 84 starts, all are hit.
+
+
+def test_sampling_is_uniform_over_chunk_starts():
+    buffer = ReplayBuffer(chunk_length=5, seed=1)
+    buffer.add(make_episode(0, 4))   # 1 start
+    buffer.add(make_episode(1, 13))  # 10 starts
+    obs, _, _ = buffer.sample(batch_size=22_000)
+    share = (obs[0, :, 0, 0, 0] == 0).mean()
+    assert share == pytest.approx(1 / 11, abs=0.01)
+
+
+def test_capacity_drops_the_oldest_episodes_from_memory():
+    buffer = ReplayBuffer(chunk_length=5, capacity=100, seed=0)
+    for i in range(5):
+        buffer.add(make_episode(i, 40))
+    assert buffer.steps <= 100
+    assert [int(e["obs"][0, 0, 0, 0]) for e in buffer.episodes] == [3, 4]
+
+
+def test_sampling_an_empty_buffer_says_why():
+    buffer = ReplayBuffer(chunk_length=50)
+    buffer.add(make_episode(0, 10))
+    with pytest.raises(ValueError, match="chunk of 50"):
+        buffer.sample(4)
+
+
+def test_episode_files_round_trip(tmp_path):
+    episode = make_episode(7, 25)
+    path = save_episode(tmp_path, 3, episode)
+    assert path.name == "000003-25.npz"
+    save_episode(tmp_path, 12, make_episode(8, 5))
+    assert [p.name for p in episode_paths(tmp_path)] == ["000003-25.npz", "000012-5.npz"]
+    assert not list(tmp_path.glob(".*")), "no temporary file is left behind"
+    loaded = load_episode(path)
+    for key in episode:
+        np.testing.assert_array_equal(loaded[key], episode[key])
+        assert loaded[key].dtype == episode[key].dtype

@@ -1,0 +1,55 @@
+"""The dm_control env from pixels: action repeat, time limit, task names."""
+import numpy as np
+import pytest
+from dm_control import suite
+
+from wrappers import default_action_repeat, make_env, parse_task, task_names
+
+
+def test_action_repeat_sums_rewards_and_stops_at_the_last_step():
+    env = make_env("cartpole-swingup", seed=5, action_repeat=8, max_episode_length=20)
+    reference = suite.load("cartpole", "swingup", task_kwargs={"random": 5})
+    obs, info = env.reset()
+    reference.reset()
+    assert obs.shape == (3, 64, 64) and obs.dtype == np.uint8 and info == {}
+    actions = [np.array([0.7]), np.array([-0.4]), np.array([1.0])]
+    results = [env.step(action) for action in actions]
+    # 20 environment steps with repeat 8: decisions of 8, 8 and the last 4 steps.
+    for (obs, reward, terminated, truncated, info), action, repeat, last in zip(
+            results, actions, (8, 8, 4), (False, False, True)):
+        expected = sum(reference.step(action).reward for _ in range(repeat))
+        assert reward == pytest.approx(expected, rel=1e-6)
+        assert (terminated, truncated) == (False, last)
+    assert results[-1][4]["env_steps"] == 20
+    np.testing.assert_array_equal(
+        results[-1][0], reference.physics.render(64, 64, camera_id=0).transpose(2, 0, 1))
+
+
+def test_full_episode_length_and_clipping():
+    env = make_env("cheetah-run", seed=0)
+    assert env.action_repeat == 4 and env.action_size == 6
+    env.reset()
+    steps, truncated = 0, False
+    while not truncated:
+        _, _, terminated, truncated, _ = env.step(np.full(6, 5.0))  # Clipped to 1.
+        assert not terminated
+        steps += 1
+    assert steps == 250
+
+
+def test_task_names_and_paper_action_repeats():
+    assert parse_task("cup-catch") == ("ball_in_cup", "catch")
+    assert "walker-walk" in task_names() and "cup-catch" in task_names()
+    repeats = {task: default_action_repeat(task) for task in
+               ("cartpole-swingup", "reacher-easy", "cheetah-run", "finger-spin", "cup-catch", "walker-walk")}
+    assert repeats == {"cartpole-swingup": 8, "reacher-easy": 4, "cheetah-run": 4, "finger-spin": 2,
+                       "cup-catch": 4, "walker-walk": 2}
+    assert default_action_repeat("hopper-hop") == 4
+    with pytest.raises(ValueError, match="known tasks: .*cartpole-swingup"):
+        parse_task("cartpole-juggle")
+
+
+def test_seeded_envs_are_reproducible():
+    first, second = make_env("reacher-easy", seed=11), make_env("reacher-easy", seed=11)
+    np.testing.assert_array_equal(first.reset()[0], second.reset()[0])
+    assert not np.array_equal(make_env("reacher-easy", seed=12).reset()[0], first.reset()[0])

@@ -1,0 +1,156 @@
+"""Replay buffer, episode files, bit-depth pre/post-processing and small shared helpers."""
+import io
+import json
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+# --- Bit-depth reduction (PlaNet Appendix A: 5-bit images with uniform dequantisation noise). ---
+
+def preprocess_observation(obs, bit_depth=5):
+    """uint8 `(..., 3, 64, 64)` tensor -> float in [-0.5, 0.5), on the tensor's device.
+
+    x = floor(o / 2^(8-b)) / 2^b + U(0, 1/2^b) - 0.5
+    """
+    bins = 2 ** bit_depth
+    quantised = torch.div(obs, 2 ** (8 - bit_depth), rounding_mode="floor").float() / bins
+    return quantised + torch.rand_like(quantised) / bins - 0.5
+
+
+def postprocess_observation(x, bit_depth=5):
+    """Float image around [-0.5, 0.5) -> uint8 for viewing: floor(2^b (x + 0.5)) / 2^b, to [0, 255]."""
+    bins = 2 ** bit_depth
+    levels = torch.floor(bins * (x + 0.5)).clamp(0, bins - 1)
+    return (levels * (256 // bins)).to(torch.uint8)
+
+
+# --- Episodes: dicts of arrays of length T + 1, `action[t]` led to `obs[t]`, zeros at reset. ---
+
+def atomic_write(path, write):
+    """Call `write(file)` on a temporary file beside `path`, fsync, then rename it to `path`, so
+    that `path` is either the old or the new complete file, never a partial one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save_episode(directory, index, episode):
+    """Write an episode as `{index:06d}-{length}.npz` (compressed), atomically. Returns the path."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{index:06d}-{len(episode['reward']) - 1}.npz"
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **episode)
+    atomic_write(path, lambda f: f.write(buffer.getvalue()))
+    return path
+
+
+def load_episode(path):
+    with np.load(path) as data:
+        return {key: data[key] for key in data.files}
+
+
+def episode_paths(directory):
+    """The episode files of a directory in the order they were written."""
+    return sorted(Path(directory).glob("*.npz"))
+
+
+class ReplayBuffer:
+    """Episodes in memory, sampled as chunks of `L` consecutive steps inside one episode.
+
+    Every chunk start is equally likely: a batch draws `B` integers over all valid starts and
+    maps them to (episode, offset) with one `searchsorted`, so sampling never scans the episodes.
+    Chunks never cross an episode end and are never padded. When the buffer holds more than
+    `capacity` steps, the oldest episodes leave memory (their files stay on disk).
+    """
+
+    def __init__(self, chunk_length, capacity=1_000_000, seed=0):
+        self.chunk_length = chunk_length
+        self.capacity = capacity
+        self.episodes = []
+        self.rng = np.random.default_rng(seed)
+        self._starts = np.zeros(0, dtype=np.int64)  # Valid chunk starts per episode.
+
+    @property
+    def steps(self):
+        return sum(len(episode["reward"]) for episode in self.episodes)
+
+    def add(self, episode):
+        self.episodes.append(episode)
+        while len(self.episodes) > 1 and self.steps > self.capacity:
+            self.episodes.pop(0)
+        lengths = np.array([len(episode["reward"]) for episode in self.episodes])
+        self._starts = np.maximum(lengths - self.chunk_length + 1, 0)
+
+    def sample(self, batch_size):
+        """-> obs uint8 `(L, B, 3, 64, 64)`, actions `(L, B, A)`, rewards `(L, B)` (time-major)."""
+        cumulative = np.cumsum(self._starts)
+        if len(cumulative) == 0 or cumulative[-1] == 0:
+            raise ValueError(f"no episode holds a chunk of {self.chunk_length} steps yet")
+        flat = self.rng.integers(cumulative[-1], size=batch_size)
+        index = np.searchsorted(cumulative, flat, side="right")
+        offset = flat - (cumulative[index] - self._starts[index])
+        chunks = [{key: value[o:o + self.chunk_length] for key, value in self.episodes[i].items()}
+                  for i, o in zip(index, offset)]
+        return tuple(np.stack([chunk[key] for chunk in chunks], axis=1)
+                     for key in ("obs", "action", "reward"))
+
+
+@torch.no_grad()
+def open_loop_frames(model, episode, context=5, length=50, bit_depth=5):
+    """Observe the first `context` frames of an episode, then predict up to `length` frames in
+    all open loop from its executed actions. -> ground truth and prediction, uint8 `(T, 3, 64, 64)`."""
+    device = next(model.parameters()).device
+    obs = torch.as_tensor(episode["obs"][:length, None], device=device)
+    actions = torch.as_tensor(episode["action"][:length, None], device=device)
+    prediction = model.predict_open_loop(preprocess_observation(obs, bit_depth), actions, context)
+    return episode["obs"][:length], postprocess_observation(prediction[:, 0], bit_depth).cpu().numpy()
+
+
+# --- Small helpers. ---
+
+def set_seed_everywhere(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name):
+    """`auto` -> `cuda` when a GPU is there, else `cpu`. Raises ValueError for an absent GPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: no CUDA GPU is available (use --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) here")
+    return device
+
+
+def write_json(path, data):
+    atomic_write(path, lambda f: f.write(json.dumps(data, indent=2).encode()))
+
+
+def append_jsonl(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())

@@ -1,0 +1,87 @@
+"""Video of open-loop prediction: `python video_prediction.py log/cheetah-run/<time>`.
+
+Plays one noise-free episode with the planner, lets the model observe the first `--context`
+frames, then predicts the following frames open loop from the executed actions. Writes an MP4 of
+ground truth | prediction | difference.
+"""
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from agent import Agent, planner_policy, play_episode
+from train import TEST_SEED_OFFSET, load_run
+from utils import load_episode, open_loop_frames, resolve_device, set_seed_everywhere
+from wrappers import make_env
+
+SCALE = 4  # Each 64x64 frame is shown at 256x256.
+
+
+def panel(frame, label):
+    """`(3, 64, 64)` RGB uint8 -> enlarged BGR image with a label."""
+    image = cv2.cvtColor(np.ascontiguousarray(frame.transpose(1, 2, 0)), cv2.COLOR_RGB2BGR)
+    image = cv2.resize(image, None, fx=SCALE, fy=SCALE, interpolation=cv2.INTER_NEAREST)
+    cv2.putText(image, label, (6, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1, cv2.LINE_AA)
+    return image
+
+
+def write_video(path, truth, prediction, context, fps=10):
+    """Frames `(T, 3, 64, 64)` uint8 -> MP4 of ground truth | prediction | difference."""
+    difference = np.abs(truth.astype(np.int16) - prediction.astype(np.int16)).astype(np.uint8)
+    height, width = 64 * SCALE, 3 * 64 * SCALE
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
+    if not writer.isOpened():
+        raise RuntimeError(f"OpenCV cannot write {path}")
+    for t in range(len(truth)):
+        mode = "observed" if t < context else "open loop"
+        writer.write(np.concatenate([panel(truth[t], f"truth t={t}"), panel(prediction[t], mode),
+                                     panel(difference[t], "difference")], axis=1))
+    writer.release()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("run_dir", help="a run directory written by train.py")
+    parser.add_argument("--out", default=None, help="video path (default: RUN_DIR/video_prediction.mp4)")
+    parser.add_argument("--context", type=int, default=5, help="frames observed before predicting")
+    parser.add_argument("--length", type=int, default=45, help="frames predicted open loop")
+    parser.add_argument("--episode", default=None,
+                        help="an episode .npz to use instead of playing a new one with the planner")
+    parser.add_argument("--seed", type=int, default=None,
+                        help=f"environment seed (default: the run's seed + {TEST_SEED_OFFSET})")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.context < 1 or args.length < 1:
+        parser.error("--context and --length must be positive")
+    try:
+        device = resolve_device(args.device)
+        config, model, _ = load_run(args.run_dir, device)
+    except ValueError as error:
+        sys.exit(f"error: {error}")
+    seed = config.seed + TEST_SEED_OFFSET if args.seed is None else args.seed
+    set_seed_everywhere(seed)
+    total = args.context + args.length
+    if args.episode:
+        episode = load_episode(args.episode)
+    else:
+        env = make_env(config.task, seed, config.action_repeat,
+                       min(config.max_episode_length, total * config.action_repeat))
+        episode = play_episode(env, planner_policy(Agent(model, config.planner, config.bit_depth)))
+    if len(episode["reward"]) < total:
+        sys.exit(f"error: the episode has {len(episode['reward'])} frames, fewer than "
+                 f"--context + --length = {total}")
+    truth, prediction = open_loop_frames(model, episode, args.context, total, config.bit_depth)
+    out = Path(args.out or Path(args.run_dir) / "video_prediction.mp4")
+    write_video(out, truth, prediction, args.context)
+    print(out)
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    main()

@@ -1,0 +1,106 @@
+"""DeepMind Control Suite as a Gymnasium-style env: 64x64 pixels, action repeat, time limit.
+
+`reset()` gives `(obs, info)` and `step(action)` gives `(obs, reward, terminated, truncated, info)`,
+where `obs` is a `(3, 64, 64)` uint8 image rendered once per agent decision (PlaNet Sec. 5).
+"""
+import os
+
+os.environ.setdefault("MUJOCO_GL", "egl")  # Headless rendering unless the user chose otherwise.
+
+import gymnasium as gym
+import numpy as np
+from dm_control import suite
+
+# Action repeat per domain, from the paper's Appendix A and the official `scripts/tasks.py`.
+ACTION_REPEAT = {"cartpole": 8, "reacher": 4, "cheetah": 4, "finger": 2, "ball_in_cup": 4, "walker": 2}
+DEFAULT_ACTION_REPEAT = 4
+# The paper's short names for dm_control domains.
+DOMAIN_ALIASES = {"cup": "ball_in_cup"}
+PAPER_TASKS = ("cartpole-swingup", "reacher-easy", "cheetah-run", "finger-spin", "cup-catch", "walker-walk")
+
+
+def _short_domain(domain):
+    return {v: k for k, v in DOMAIN_ALIASES.items()}.get(domain, domain)
+
+
+def task_names():
+    """Every `domain-task` name that `make_env` accepts, e.g. `cup-catch` or `walker-walk`."""
+    return sorted(f"{_short_domain(domain)}-{task}" for domain, task in suite.ALL_TASKS)
+
+
+def parse_task(name):
+    """`'cup-catch'` -> `('ball_in_cup', 'catch')`; raises ValueError listing the known tasks."""
+    domain, _, task = name.partition("-")
+    domain = DOMAIN_ALIASES.get(domain, domain)
+    if (domain, task) not in suite.ALL_TASKS:
+        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(task_names())}")
+    return domain, task
+
+
+def default_action_repeat(task):
+    return ACTION_REPEAT.get(parse_task(task)[0], DEFAULT_ACTION_REPEAT)
+
+
+class DMCEnv(gym.Env):
+    """A dm_control task seen from 64x64 pixels, with `action_repeat` physics steps per decision.
+
+    Rewards are summed over the repeated steps, and repeating stops at the episode's last step.
+    An episode lasts at most `max_episode_length` environment (physics control) steps.
+    """
+
+    metadata = {"render_modes": ["rgb_array"]}
+
+    def __init__(self, task, seed=0, action_repeat=None, max_episode_length=1000, size=64):
+        domain, task_name = parse_task(task)
+        self.task = task
+        self.action_repeat = action_repeat or default_action_repeat(task)
+        self.max_episode_length = max_episode_length
+        self.size = size
+        self._camera = 2 if domain == "quadruped" else 0
+        self._env = suite.load(domain, task_name, task_kwargs={"random": seed})
+        spec = self._env.action_spec()
+        self._action_low, self._action_high = spec.minimum, spec.maximum
+        self.action_space = gym.spaces.Box(spec.minimum.astype(np.float32), spec.maximum.astype(np.float32),
+                                           spec.shape, np.float32)
+        self.observation_space = gym.spaces.Box(0, 255, (3, size, size), np.uint8)
+        self._steps = 0
+
+    @property
+    def action_size(self):
+        return self.action_space.shape[0]
+
+    def _observation(self):
+        """Render once, `(3, size, size)` uint8."""
+        image = self._env.physics.render(self.size, self.size, camera_id=self._camera)
+        return np.ascontiguousarray(image.transpose(2, 0, 1))
+
+    def reset(self, *, seed=None, options=None):
+        if seed is not None:
+            self._env.task.random.seed(seed)
+        self._env.reset()
+        self._steps = 0
+        return self._observation(), {}
+
+    def step(self, action):
+        action = np.clip(action, self._action_low, self._action_high)
+        reward, terminated, truncated = 0.0, False, False
+        for _ in range(self.action_repeat):
+            time_step = self._env.step(action)
+            reward += time_step.reward or 0.0
+            self._steps += 1
+            # dm_control ends episodes by the time limit (discount 1); discount 0 is a real termination.
+            terminated = time_step.last() and time_step.discount == 0
+            truncated = (time_step.last() and not terminated) or self._steps >= self.max_episode_length
+            if terminated or truncated:
+                break
+        return self._observation(), reward, terminated, truncated, {"env_steps": self._steps}
+
+    def render(self):
+        return self._observation().transpose(1, 2, 0)
+
+    def close(self):
+        self._env.close()
+
+
+def make_env(task, seed=0, action_repeat=None, max_episode_length=1000):
+    return DMCEnv(task, seed=seed, action_repeat=action_repeat, max_episode_length=max_episode_length)
