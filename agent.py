@@ -107,7 +107,6 @@ def planner_policy(agent, action_noise=0.0):
     return policy
 
 
-def random_policy(env, rng):
-    """Uniform random actions in the action space, for the seed episodes."""
-    low, high = env.action_space.low, env.action_space.high
-    return lambda obs, previous_action: rng.uniform(low, high).astype(np.float32)
+def random_policy(action_size, rng):
+    """Uniform random actions in [-1, 1], for the seed episodes."""
+    return lambda obs, previous_action: rng.uniform(-1, 1, action_size).astype(np.float32)

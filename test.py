@@ -25,7 +25,7 @@ def main(argv=None):
     parser.add_argument("--render", action="store_true", help="show the episodes in a window")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)  # absl set one.
     try:
         device = resolve_device(args.device)
         config, model, checkpoint = load_run(args.run_dir, device)
@@ -42,7 +42,7 @@ def main(argv=None):
         except RuntimeError as error:
             sys.exit(f"error: {error}")
     logging.info("%s after %d episodes (%d env steps), %d test episodes, seed %d",
-                 config.task, checkpoint["episodes"], checkpoint["env_steps"], args.episodes, seed)
+                 config.task, checkpoint["counters"]["episodes"], checkpoint["counters"]["env_steps"], args.episodes, seed)
     agent = Agent(model, config.planner, config.bit_depth)
     returns = []
     for i in range(args.episodes):

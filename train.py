@@ -1,13 +1,16 @@
-"""Train PlaNet from pixels: `python train.py --task cheetah-run`.
+"""Train PlaNet from pixels: `python train.py --task cheetah-run`, `python train.py --resume RUN_DIR`.
 
 Algorithm 1 of the paper: a few seed episodes with random actions, then repeat: C model updates on
 chunks sampled from the replay buffer, one episode collected with the CEM planner plus exploration
-noise, and every few episodes a noise-free test. Everything goes into `<log-dir>/<task>/<time>/`.
+noise, and every few episodes a noise-free test. Everything goes into `<log-dir>/<task>/<time>/`,
+and a checkpoint after every episode lets a killed run continue where it was.
 """
 import argparse
 import dataclasses
+import io
 import json
 import logging
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -20,13 +23,20 @@ from tqdm import tqdm
 
 from agent import Agent, planner_policy, play_episode, random_policy
 from model import WorldModel
-from utils import (ReplayBuffer, append_jsonl, atomic_write, open_loop_frames,
-                   preprocess_observation, resolve_device, save_episode, set_seed_everywhere,
-                   write_json)
+from utils import (ReplayBuffer, append_jsonl, atomic_write, episode_index, episode_paths,
+                   global_rng_state, load_episode, open_loop_frames, pack_random_state,
+                   preprocess_observation, read_jsonl, resolve_device, save_episode,
+                   set_global_rng_state, set_seed_everywhere, unpack_random_state, write_json,
+                   write_jsonl)
 from wrappers import default_action_repeat, make_env, parse_task
 
 CHECKPOINT = "checkpoint.pt"
 TEST_SEED_OFFSET = 10_000  # Test environments never share a seed with training ones.
+POSITIVE = ("episodes", "seed_episodes", "collect_interval", "batch_size", "chunk_length",
+            "max_episode_length", "buffer_capacity", "horizon", "iterations", "candidates",
+            "top_candidates", "test_interval", "test_episodes", "checkpoint_interval", "belief_size",
+            "state_size", "hidden_size", "reward_hidden_size", "cnn_depth", "bit_depth")
+RESUME_MAY_CHANGE = ("episodes", "device", "nan_policy")  # Every other setting stays the run's own.
 
 
 def option(default, help):
@@ -73,8 +83,12 @@ class Config:
     overshooting_distance: int = option(0, "latent overshooting distance D (0: off, as the paper's agent)")
     overshooting_kl_beta: float = option(1.0, "weight of the latent overshooting KL")
     learning_rate: float = option(1e-3, "Adam learning rate")
+    warmup_updates: int = option(200, "updates over which the learning rate ramps up linearly from 0 "
+                                 "(official: 10,000 sequences = 200 updates of 50); 0: off")
     adam_epsilon: float = option(1e-4, "Adam epsilon")
     grad_clip_norm: float = option(1000.0, "global gradient norm clip")
+    nan_policy: str = option("stop", "on a non-finite loss or gradient: stop (keeping the last "
+                             "checkpoint) or skip that update")
 
     @property
     def planner(self):
@@ -82,27 +96,50 @@ class Config:
                 "candidates": self.candidates, "top_candidates": self.top_candidates}
 
 
-def parse_config(argv=None):
+def parse_args(argv=None):
+    """-> (config, run directory to resume or None). Exits with a message on bad input."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     argument_default=argparse.SUPPRESS)
+    parser.add_argument("--resume", metavar="RUN_DIR",
+                        help="continue this run with its own config; --episodes may be raised")
     for f in dataclasses.fields(Config):
-        parser.add_argument("--" + f.name.replace("_", "-"), type=f.type, default=f.default,
-                            help=f.metadata["help"])
-    config = Config(**vars(parser.parse_args(argv)))
+        parser.add_argument("--" + f.name.replace("_", "-"), type=f.type,
+                            help=f"{f.metadata['help']} (default: {f.default})")
+    given = vars(parser.parse_args(argv))  # Only the flags on the command line.
+    resume = given.pop("resume", None)
+    if given.get("action_repeat") == 0:
+        del given["action_repeat"]  # 0 asks for the task's default.
+    if resume:
+        try:
+            saved = read_config(Path(resume))
+        except ValueError as error:
+            parser.error(str(error))
+        conflicts = [f"--{name.replace('_', '-')} {value} (the run has {getattr(saved, name)})"
+                     for name, value in given.items()
+                     if name not in RESUME_MAY_CHANGE and value != getattr(saved, name)]
+        if conflicts:
+            parser.error("a resumed run keeps its config; refused: " + ", ".join(conflicts))
+        config = dataclasses.replace(saved, **given)
+    else:
+        config = Config(**given)
     try:
         parse_task(config.task)
-    except ValueError as error:
-        parser.error(str(error))
-    try:
         resolve_device(config.device)
     except ValueError as error:
         parser.error(str(error))
+    too_small = [f"--{name.replace('_', '-')}" for name in POSITIVE if getattr(config, name) < 1]
+    if too_small:
+        parser.error(f"{', '.join(too_small)} must be at least 1")
+    if config.overshooting_distance > 0 and config.chunk_length < 2:
+        parser.error("latent overshooting needs --chunk-length of at least 2")
+    if config.nan_policy not in ("stop", "skip"):
+        parser.error("--nan-policy must be stop or skip")
     if config.top_candidates > config.candidates:
         parser.error("--top-candidates must not exceed --candidates")
-    if config.chunk_length > config.max_episode_length // (config.action_repeat or 1) + 1:
-        parser.error("--chunk-length is longer than an episode")
     config.action_repeat = config.action_repeat or default_action_repeat(config.task)
-    return config
+    if config.chunk_length > config.max_episode_length // config.action_repeat + 1:
+        parser.error("--chunk-length is longer than an episode")
+    return config, resume
 
 
 def build_model(config, action_size):
@@ -110,45 +147,60 @@ def build_model(config, action_size):
                       config.cnn_depth, config.reward_hidden_size)
 
 
-# --- Checkpoints: state_dicts and counters, written atomically. ---
+# --- Reading runs back. Each raises ValueError with a one-line reason. ---
 
-def save_checkpoint(run_dir, model, optimizer, counters):
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), **counters}
-    atomic_write(Path(run_dir) / CHECKPOINT, lambda f: torch.save(state, f))
-
-
-def load_run(run_dir, device):
-    """Rebuild a run's config and model from its directory. Raises ValueError with a one-line
-    reason when the directory is not a run or its checkpoint does not fit."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.json").is_file():
+def read_config(run_dir):
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
         raise ValueError(f"{run_dir} is not a run directory: it has no config.json")
-    if not (run_dir / CHECKPOINT).is_file():
+    try:
+        saved = json.loads(path.read_text())
+        return Config(**{f.name: saved[f.name] for f in dataclasses.fields(Config) if f.name in saved})
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{path} is not a valid config: {error}") from None
+
+
+def read_checkpoint(run_dir, config, model, device):
+    """Load the run's checkpoint into `model` and return it, after checking that it belongs to
+    this config (task and model sizes)."""
+    path = Path(run_dir) / CHECKPOINT
+    if not path.is_file():
         raise ValueError(f"{run_dir} has no {CHECKPOINT} yet")
     try:
-        saved = json.loads((run_dir / "config.json").read_text())
-        config = Config(**{f.name: saved[f.name] for f in dataclasses.fields(Config) if f.name in saved})
-    except (ValueError, TypeError) as error:
-        raise ValueError(f"{run_dir / 'config.json'} is not a valid config: {error}") from None
-    try:
-        checkpoint = torch.load(run_dir / CHECKPOINT, map_location=device, weights_only=True)
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
     except Exception as error:  # A truncated or foreign file fails in many ways.
-        raise ValueError(f"{run_dir / CHECKPOINT} is unreadable ({type(error).__name__})") from None
-    action_size = make_env(config.task).action_size
-    model = build_model(config, action_size).to(device)
+        raise ValueError(f"{path} is unreadable ({type(error).__name__}); "
+                         "it is not a checkpoint written by train.py") from None
+    saved = checkpoint.get("config", {}) if isinstance(checkpoint, dict) else {}
+    mismatched = [f"{name} {saved.get(name)} != {getattr(config, name)}" for name in
+                  ("task", "belief_size", "state_size", "hidden_size", "reward_hidden_size", "cnn_depth")
+                  if saved.get(name) != getattr(config, name)]
+    if mismatched:
+        raise ValueError(f"{path} does not match the model in config.json: {', '.join(mismatched)}")
     try:
         model.load_state_dict(checkpoint["model"])
     except (KeyError, RuntimeError):
-        raise ValueError(f"{run_dir / CHECKPOINT} does not match the model in config.json "
-                         f"({config.task}, belief {config.belief_size}, state {config.state_size})") from None
+        raise ValueError(f"{path} does not match the model in config.json") from None
+    return checkpoint
+
+
+def load_run(run_dir, device):
+    """The config, the model (in eval mode) and the checkpoint of a run, e.g. one still training."""
+    config = read_config(run_dir)
+    model = build_model(config, make_env(config.task).action_size).to(device)
+    checkpoint = read_checkpoint(run_dir, config, model, device)
     model.eval()
     return config, model, checkpoint
 
 
-# --- Training. ---
+# --- One update and C of them. ---
 
-def update(model, optimizer, buffer, config, device):
-    """One gradient step on a batch of chunks. Returns the detached loss terms (no host sync)."""
+def update(model, optimizer, buffer, config, device, step):
+    """Gradient step number `step` (from 0) on a batch of chunks. Returns the detached loss terms;
+    no host sync unless --nan-policy skip, which must look at the loss before stepping."""
+    warmup = min(1.0, step / config.warmup_updates) if config.warmup_updates else 1.0
+    for group in optimizer.param_groups:
+        group["lr"] = config.learning_rate * warmup
     obs, actions, rewards = (torch.from_numpy(x).to(device, non_blocking=True)
                              for x in buffer.sample(config.batch_size))
     loss, terms = model.loss(preprocess_observation(obs, config.bit_depth), actions, rewards,
@@ -157,26 +209,32 @@ def update(model, optimizer, buffer, config, device):
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip_norm)
-    optimizer.step()
+    if config.nan_policy == "skip" and not torch.isfinite(loss + terms["grad_norm"]):
+        optimizer.zero_grad(set_to_none=True)
+    else:
+        optimizer.step()
     return terms
 
 
 def train_model(model, optimizer, buffer, config, device, first_update):
-    """C updates; their terms averaged. Stops with an error naming the first non-finite update."""
+    """C updates. Returns their mean terms; raises FloatingPointError naming the first
+    non-finite update unless --nan-policy skip."""
     model.train()
     start = time.perf_counter()
-    history = [update(model, optimizer, buffer, config, device) for _ in range(config.collect_interval)]
+    history = [update(model, optimizer, buffer, config, device, first_update + i)
+               for i in range(config.collect_interval)]
+    model.eval()
     terms = {name: torch.stack([h[name] for h in history]).cpu() for name in history[0]}
     finite = torch.stack(list(terms.values())).isfinite().all(0)
-    if not finite.all():
+    if not finite.all() and config.nan_policy == "stop":
         bad = int((~finite).nonzero()[0])
         values = ", ".join(f"{name} {float(v[bad]):.4g}" for name, v in terms.items())
-        raise FloatingPointError(f"non-finite loss at update {first_update + bad}: {values}; "
-                                 "the last checkpoint was left as it was")
-    metrics = {f"loss/{name}": float(v.mean()) for name, v in terms.items() if name != "grad_norm"}
-    metrics["train/grad_norm"] = float(terms["grad_norm"].mean())
+        raise FloatingPointError(f"non-finite loss at update {first_update + bad + 1}: {values}; "
+                                 "the last checkpoint is untouched")
+    metrics = {("train/" if name == "grad_norm" else "loss/") + name: float(v[finite].mean())
+               for name, v in terms.items() if finite.any()}
+    metrics["train/skipped_updates"] = int((~finite).sum())
     metrics["speed/updates_per_s"] = config.collect_interval / (time.perf_counter() - start)
-    model.eval()
     return metrics
 
 
@@ -210,71 +268,157 @@ def hyperparameter_table(config):
     return "| setting | value |\n| --- | --- |\n" + rows
 
 
-def train(config):
-    device = resolve_device(config.device)
-    run_dir = make_run_dir(config)
-    write_json(run_dir / "config.json", dataclasses.asdict(config))
-    logging.info("run directory: %s (device %s)", run_dir, device)
-    set_seed_everywhere(config.seed)
-    rng = np.random.default_rng(config.seed)
-    env = make_env(config.task, config.seed, config.action_repeat, config.max_episode_length)
-    test_env = make_env(config.task, config.seed + TEST_SEED_OFFSET, config.action_repeat,
-                        config.max_episode_length)
-    model = build_model(config, env.action_size).to(device)
-    model.eval()
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, eps=config.adam_epsilon)
-    buffer = ReplayBuffer(config.chunk_length, config.buffer_capacity, seed=config.seed)
-    writer = SummaryWriter(str(run_dir))
-    writer.add_text("hyperparameters", hyperparameter_table(config))
-    agent = Agent(model, config.planner, config.bit_depth)
-    counters = {"episodes": 0, "env_steps": 0, "updates": 0, "test_episodes": 0}
-    progress = tqdm(total=config.episodes, unit="episode", dynamic_ncols=True)
-    while counters["episodes"] < config.episodes:
-        metrics = {}
-        if counters["episodes"] < config.seed_episodes:
-            policy = random_policy(env, rng)
-        else:
-            metrics = train_model(model, optimizer, buffer, config, device, counters["updates"])
-            counters["updates"] += config.collect_interval
-            policy = planner_policy(agent, config.action_noise)
-        start = time.perf_counter()
-        episode = play_episode(env, policy)
-        steps = len(episode["reward"]) - 1
-        metrics["speed/fps"] = steps * config.action_repeat / (time.perf_counter() - start)
-        save_episode(run_dir / "episodes" / "train", counters["episodes"], episode)
-        buffer.add(episode)
-        counters["episodes"] += 1
-        counters["env_steps"] += steps * config.action_repeat
-        metrics["train/return"] = float(episode["reward"].sum())
-        if counters["episodes"] > config.seed_episodes and counters["episodes"] % config.test_interval == 0:
-            test_metrics, strip = test(model, test_env, config, counters["test_episodes"], run_dir)
-            counters["test_episodes"] += config.test_episodes
-            metrics.update(test_metrics)
-            writer.add_image("test/open_loop_prediction", strip, counters["env_steps"])
+class Workspace:
+    """Everything a run holds: envs, model, optimizer, replay buffer, counters, generators, logs.
+
+    After each episode: its file, then its metrics line and TensorBoard points, then the
+    checkpoint. A resumed run rolls back to the checkpoint: what was written after it (an episode,
+    a metrics line, TensorBoard points) is set aside or dropped, and happens again.
+    """
+
+    def __init__(self, config, run_dir, resume=False):
+        self.config, self.run_dir = config, Path(run_dir)
+        self.device = resolve_device(config.device)
+        set_seed_everywhere(config.seed)
+        self.rng = np.random.default_rng(config.seed)  # Seed episodes' random actions.
+        self.env = make_env(config.task, config.seed, config.action_repeat, config.max_episode_length)
+        self.test_env = make_env(config.task, config.seed + TEST_SEED_OFFSET, config.action_repeat,
+                                 config.max_episode_length)
+        self.model = build_model(config, self.env.action_size).to(self.device).eval()
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.learning_rate,
+                                          eps=config.adam_epsilon)
+        self.buffer = ReplayBuffer(config.chunk_length, config.buffer_capacity, seed=config.seed)
+        self.agent = Agent(self.model, config.planner, config.bit_depth)
+        self.counters = {"episodes": 0, "env_steps": 0, "updates": 0, "test_episodes": 0}
+        if resume:
+            self.restore()
+        write_json(self.run_dir / "config.json", dataclasses.asdict(config))  # --episodes may be new.
+        # purge_step hides the TensorBoard points that a killed process logged after the checkpoint.
+        self.writer = SummaryWriter(str(self.run_dir),
+                                    purge_step=self.counters["env_steps"] + 1 if resume else None)
+        if not resume:
+            self.writer.add_text("hyperparameters", hyperparameter_table(config))
+
+    # --- Checkpoints. ---
+
+    def save(self):
+        state = {
+            "config": dataclasses.asdict(self.config), "counters": dict(self.counters),
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "rng": {**global_rng_state(), "actions": self.rng.bit_generator.state,
+                    "replay": self.buffer.rng.bit_generator.state,
+                    "env": pack_random_state(self.env.get_rng_state()),
+                    "test_env": pack_random_state(self.test_env.get_rng_state())},
+        }
+        data = io.BytesIO()
+        torch.save(state, data)  # In memory first, so that a full disk fails as an OSError below.
+        try:
+            atomic_write(self.run_dir / CHECKPOINT, lambda f: f.write(data.getbuffer()))
+        except OSError as error:
+            raise OSError(f"could not write {self.run_dir / CHECKPOINT} ({error.strerror}); the "
+                          f"previous checkpoint is intact, resume from it with --resume {self.run_dir}") from None
+
+    def restore(self):
+        if not (self.run_dir / CHECKPOINT).exists():  # Killed before the first checkpoint.
+            logging.info("%s has no checkpoint yet: starting it over", self.run_dir)
+            self._roll_back_files()
+            return
+        checkpoint = read_checkpoint(self.run_dir, self.config, self.model, self.device)
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.counters = dict(checkpoint["counters"])
+        self._roll_back_files()
+        for path in episode_paths(self.run_dir / "episodes" / "train"):
+            try:
+                self.buffer.add(load_episode(path))
+            except Exception as error:  # Truncated, bit rot, foreign file: report and go on.
+                logging.warning("skipping unreadable episode %s (%s)", path, type(error).__name__)
+        rng = checkpoint["rng"]
+        set_global_rng_state(rng)
+        self.rng.bit_generator.state = rng["actions"]
+        self.buffer.rng.bit_generator.state = rng["replay"]
+        self.env.set_rng_state(unpack_random_state(rng["env"]))
+        self.test_env.set_rng_state(unpack_random_state(rng["test_env"]))
+        logging.info("resumed %s after %d episodes, %d env steps, %d updates; %d steps in replay",
+                     self.run_dir, self.counters["episodes"], self.counters["env_steps"],
+                     self.counters["updates"], self.buffer.steps)
+
+    def _roll_back_files(self):
+        """Set aside the episodes and drop the metrics written after the checkpoint."""
+        for kind, kept in (("train", self.counters["episodes"]), ("test", self.counters["test_episodes"])):
+            for path in episode_paths(self.run_dir / "episodes" / kind):
+                if episode_index(path) >= kept:
+                    aside = self.run_dir / "episodes" / "discarded" / kind
+                    aside.mkdir(parents=True, exist_ok=True)
+                    shutil.move(path, aside / path.name)
+                    logging.info("set aside %s: it was written after the checkpoint", path)
+        metrics = self.run_dir / "metrics.jsonl"
+        write_jsonl(metrics, [r for r in read_jsonl(metrics) if r.get("episodes", 0) <= self.counters["episodes"]])
+
+    # --- The loop. ---
+
+    def train(self):
+        config, counters = self.config, self.counters
+        progress = tqdm(total=config.episodes, initial=counters["episodes"], unit="episode",
+                        dynamic_ncols=True)
+        while counters["episodes"] < config.episodes:
+            metrics = {}
+            if counters["episodes"] < config.seed_episodes:
+                policy = random_policy(self.env.action_size, self.rng)
+            else:
+                metrics = train_model(self.model, self.optimizer, self.buffer, config, self.device,
+                                      counters["updates"])
+                counters["updates"] += config.collect_interval
+                policy = planner_policy(self.agent, config.action_noise)
+            start = time.perf_counter()
+            episode = play_episode(self.env, policy)
+            metrics["speed/fps"] = self.env.steps / (time.perf_counter() - start)
+            save_episode(self.run_dir / "episodes" / "train", counters["episodes"], episode)
+            self.buffer.add(episode)
+            counters["episodes"] += 1
+            counters["env_steps"] += self.env.steps
+            metrics["train/return"] = float(episode["reward"].sum())
+            if counters["episodes"] > config.seed_episodes and counters["episodes"] % config.test_interval == 0:
+                test_metrics, strip = test(self.model, self.test_env, config, counters["test_episodes"],
+                                           self.run_dir)
+                counters["test_episodes"] += config.test_episodes
+                metrics.update(test_metrics)
+                self.writer.add_image("test/open_loop_prediction", strip, counters["env_steps"])
+            self.log(metrics)
+            if counters["episodes"] % config.checkpoint_interval == 0 or counters["episodes"] == config.episodes:
+                self.save()
+            progress.update(1)
+            progress.set_postfix({name.split("/")[0]: round(metrics[name], 1)
+                                  for name in ("train/return", "test/return") if name in metrics})
+        progress.close()
+        self.writer.close()
+
+    def log(self, metrics):
         for name, value in metrics.items():
-            writer.add_scalar(name, value, counters["env_steps"])
-        writer.flush()
-        append_jsonl(run_dir / "metrics.jsonl", {**counters, **metrics})
-        if counters["episodes"] % config.checkpoint_interval == 0 or counters["episodes"] == config.episodes:
-            save_checkpoint(run_dir, model, optimizer, counters)
-        progress.update(1)
-        progress.set_postfix({name.split("/")[0]: round(metrics[name], 1)
-                              for name in ("train/return", "test/return") if name in metrics})
-    progress.close()
-    writer.close()
-    logging.info("done: %s", run_dir)
-    return run_dir
+            self.writer.add_scalar(name, value, self.counters["env_steps"])
+        self.writer.flush()
+        append_jsonl(self.run_dir / "metrics.jsonl", {**self.counters, **metrics})
 
 
 def main(argv=None):
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    config = parse_config(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)  # absl set one.
+    config, resume = parse_args(argv)
     try:
-        train(config)
-    except FloatingPointError as error:
+        run_dir = Path(resume) if resume else make_run_dir(config)
+        workspace = Workspace(config, run_dir, resume=bool(resume))
+    except (ValueError, OSError) as error:
+        sys.exit(f"error: {error}")
+    if workspace.counters["episodes"] >= config.episodes:
+        logging.info("%s already has %d episodes; raise --episodes to train longer",
+                     run_dir, workspace.counters["episodes"])
+        return
+    logging.info("run directory: %s (device %s)", run_dir, workspace.device)
+    try:
+        workspace.train()
+    except (FloatingPointError, OSError) as error:
         sys.exit(f"error: {error}")
     except KeyboardInterrupt:
-        sys.exit("interrupted; the last checkpoint and every finished episode are on disk")
+        sys.exit(f"interrupted; continue with: python train.py --resume {run_dir}")
+    logging.info("done: %s", run_dir)
 
 
 if __name__ == "__main__":

@@ -67,6 +67,11 @@ def load_episode(path):
         return {key: data[key] for key in data.files}
 
 
+def episode_index(path):
+    """`000042-250.npz` -> 42."""
+    return int(Path(path).name.split("-")[0])
+
+
 def episode_paths(directory):
     """The episode files of a directory in the order they were written."""
     return sorted(Path(directory).glob("*.npz"))
@@ -132,6 +137,32 @@ def set_seed_everywhere(seed):
     torch.manual_seed(seed)
 
 
+def pack_random_state(state):
+    """A numpy `RandomState.get_state()` tuple in a form `torch.load(weights_only=True)` accepts."""
+    name, keys, position, has_gauss, cached_gaussian = state
+    return (name, keys.tolist(), position, has_gauss, cached_gaussian)
+
+
+def unpack_random_state(state):
+    name, keys, position, has_gauss, cached_gaussian = state
+    return (name, np.array(keys, dtype=np.uint32), position, has_gauss, cached_gaussian)
+
+
+def global_rng_state():
+    """The states of Python's, numpy's and torch's (CPU and CUDA) global generators."""
+    return {"python": random.getstate(), "numpy": pack_random_state(np.random.get_state()),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_global_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(unpack_random_state(state["numpy"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def resolve_device(name):
     """`auto` -> `cuda` when a GPU is there, else `cpu`. Raises ValueError for an absent GPU."""
     if name == "auto":
@@ -147,6 +178,22 @@ def resolve_device(name):
 
 def write_json(path, data):
     atomic_write(path, lambda f: f.write(json.dumps(data, indent=2).encode()))
+
+
+def read_jsonl(path):
+    """The complete, parseable lines of a JSONL file; a torn last line is dropped."""
+    records = []
+    if Path(path).is_file():
+        for line in Path(path).read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+def write_jsonl(path, records):
+    atomic_write(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in records).encode()))
 
 
 def append_jsonl(path, record):

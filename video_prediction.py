@@ -56,7 +56,7 @@ def main(argv=None):
                         help=f"environment seed (default: the run's seed + {TEST_SEED_OFFSET})")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)  # absl set one.
     if args.context < 1 or args.length < 1:
         parser.error("--context and --length must be positive")
     try:

@@ -66,6 +66,11 @@ class DMCEnv(gym.Env):
         self._steps = 0
 
     @property
+    def steps(self):
+        """Environment (physics control) steps taken in the current episode."""
+        return self._steps
+
+    @property
     def action_size(self):
         return self.action_space.shape[0]
 
@@ -94,6 +99,13 @@ class DMCEnv(gym.Env):
             if terminated or truncated:
                 break
         return self._observation(), reward, terminated, truncated, {"env_steps": self._steps}
+
+    def get_rng_state(self):
+        """The state of the task's generator, which draws each episode's initial conditions."""
+        return self._env.task.random.get_state()
+
+    def set_rng_state(self, state):
+        self._env.task.random.set_state(state)
 
     def render(self):
         return self._observation().transpose(1, 2, 0)

@@ -2,6 +2,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,3 +25,14 @@ TINY_FLAGS = [
 def tiny_model():
     from model import WorldModel
     return WorldModel(action_size=2, **TINY_MODEL)
+
+
+def make_episode(episode_id, length, action_size=2):
+    """Frames stamped with (episode id, step) so that a chunk shows where it came from."""
+    obs = np.zeros((length + 1, 3, 64, 64), np.uint8)
+    obs[:, 0, 0, 0] = episode_id
+    obs[:, 0, 0, 1] = np.arange(length + 1)
+    action = np.full((length + 1, action_size), episode_id, np.float32)
+    action[0] = 0
+    reward = np.arange(length + 1, dtype=np.float32)
+    return {"obs": obs, "action": action, "reward": reward}

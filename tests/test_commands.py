@@ -56,7 +56,8 @@ def test_train_writes_the_run_directory(run_dir):
     assert [m["updates"] for m in metrics] == [0, 0, 3, 6]
     assert "loss/kl" in metrics[2] and "test/return" in metrics[3]
     checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
-    assert (checkpoint["episodes"], checkpoint["env_steps"], checkpoint["updates"]) == (4, 800, 6)
+    counters = checkpoint["counters"]
+    assert (counters["episodes"], counters["env_steps"], counters["updates"]) == (4, 800, 6)
     assert checkpoint["optimizer"]["state"], "Adam moments are saved"
     assert "rssm.gru.weight_hh" in checkpoint["model"]
 

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import make_episode
 from utils import (ReplayBuffer, episode_paths, load_episode, postprocess_observation,
                    preprocess_observation, save_episode)
 
@@ -17,17 +18,6 @@ def test_bit_depth_round_trip():
     values = preprocess_observation(torch.full((10_000,), 100, dtype=torch.uint8), bit_depth=5)
     assert values.min() >= 12 / 32 - 0.5 and values.max() < 13 / 32 - 0.5
     assert values.max() - values.min() > 0.9 / 32
-
-
-def make_episode(episode_id, length, action_size=2):
-    """Frames stamped with (episode id, step) so that a chunk shows where it came from."""
-    obs = np.zeros((length + 1, 3, 64, 64), np.uint8)
-    obs[:, 0, 0, 0] = episode_id
-    obs[:, 0, 0, 1] = np.arange(length + 1)
-    action = np.full((length + 1, action_size), episode_id, np.float32)
-    action[0] = 0
-    reward = np.arange(length + 1, dtype=np.float32)
-    return {"obs": obs, "action": action, "reward": reward}
 
 
 def test_chunks_never_cross_an_episode_end_and_cover_every_start():

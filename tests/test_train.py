@@ -1,0 +1,43 @@
+"""Flag parsing and the update step of train.py, in process."""
+import pytest
+import torch
+
+from conftest import TINY_MODEL, make_episode
+from model import WorldModel
+from train import Config, parse_args, update
+from utils import ReplayBuffer
+
+
+def test_defaults_are_the_papers():
+    config, resume = parse_args([])
+    assert resume is None
+    assert (config.task, config.action_repeat, config.episodes, config.seed_episodes) == ("cheetah-run", 4, 1000, 5)
+    assert (config.collect_interval, config.batch_size, config.chunk_length) == (100, 50, 50)
+    assert (config.horizon, config.iterations, config.candidates, config.top_candidates) == (12, 10, 1000, 100)
+    assert (config.action_noise, config.free_nats, config.reward_scale, config.bit_depth) == (0.3, 3.0, 10.0, 5)
+    assert (config.learning_rate, config.adam_epsilon, config.grad_clip_norm) == (1e-3, 1e-4, 1000.0)
+    assert (config.belief_size, config.state_size, config.hidden_size) == (200, 30, 200)
+    assert parse_args(["--task", "walker-walk"])[0].action_repeat == 2
+
+
+@pytest.mark.parametrize("flag", ["--test-interval", "--checkpoint-interval", "--collect-interval",
+                                  "--test-episodes", "--seed-episodes", "--candidates"])
+def test_zero_counts_are_refused(flag, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args([flag, "0"])
+    assert exit_info.value.code == 2
+    assert f"{flag} must be at least 1" in capsys.readouterr().err
+
+
+def test_learning_rate_warms_up_linearly_over_the_official_ramp():
+    config = Config(batch_size=2, chunk_length=4, warmup_updates=200, **TINY_MODEL)
+    model = WorldModel(2, **TINY_MODEL)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, eps=config.adam_epsilon)
+    buffer = ReplayBuffer(4)
+    buffer.add(make_episode(0, 10))
+    for step, expected in ((0, 0.0), (50, 2.5e-4), (100, 5e-4), (200, 1e-3), (5000, 1e-3)):
+        update(model, optimizer, buffer, config, "cpu", step)
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(expected)
+    config.warmup_updates = 0
+    update(model, optimizer, buffer, config, "cpu", 0)
+    assert optimizer.param_groups[0]["lr"] == 1e-3
