@@ -6,8 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import Normal, kl_divergence
 
-from model import (RSSM, Encoder, Gaussian, ObservationModel, RewardModel, WorldModel,
-                   gaussian_kl)
+from model import (RSSM, Encoder, Gaussian, ObservationModel, RewardModel, gaussian_kl)
 
 
 def count(module):

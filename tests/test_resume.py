@@ -1,6 +1,5 @@
 """A run survives crashes: SIGKILL at several points, resume, and compare with an unbroken run."""
 import json
-import os
 import shutil
 import signal
 import subprocess
