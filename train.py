@@ -97,16 +97,24 @@ class Config:
 
 
 def parse_args(argv=None):
-    """-> (config, run directory to resume or None). Exits with a message on bad input."""
+    """-> (config, run directory, whether to resume it). The run directory is None when a new
+    one should be made under `<log-dir>/<task>/`. Exits with a message on bad input."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      argument_default=argparse.SUPPRESS)
     parser.add_argument("--resume", metavar="RUN_DIR",
                         help="continue this run with its own config; --episodes may be raised")
+    parser.add_argument("--run-dir", metavar="DIR",
+                        help="start a new run in DIR (which must not hold a run yet) instead of "
+                             "<log-dir>/<task>/<time>; for sweeps that need known paths")
     for f in dataclasses.fields(Config):
         parser.add_argument("--" + f.name.replace("_", "-"), type=f.type,
                             help=f"{f.metadata['help']} (default: {f.default})")
     given = vars(parser.parse_args(argv))  # Only the flags on the command line.
-    resume = given.pop("resume", None)
+    resume, run_dir = given.pop("resume", None), given.pop("run_dir", None)
+    if resume and run_dir:
+        parser.error("give either --resume or --run-dir")
+    if run_dir and (Path(run_dir) / "config.json").exists():
+        parser.error(f"{run_dir} already holds a run; continue it with --resume {run_dir}")
     if given.get("action_repeat") == 0:
         del given["action_repeat"]  # 0 asks for the task's default.
     if resume:
@@ -139,7 +147,7 @@ def parse_args(argv=None):
     config.action_repeat = config.action_repeat or default_action_repeat(config.task)
     if config.chunk_length > config.max_episode_length // config.action_repeat + 1:
         parser.error("--chunk-length is longer than an episode")
-    return config, resume
+    return config, resume or run_dir, bool(resume)
 
 
 def build_model(config, action_size):
@@ -377,7 +385,9 @@ class Workspace:
             counters["episodes"] += 1
             counters["env_steps"] += self.env.steps
             metrics["train/return"] = float(episode["reward"].sum())
-            if counters["episodes"] > config.seed_episodes and counters["episodes"] % config.test_interval == 0:
+            # Every test_interval episodes, and after the last: the paper's final score.
+            if counters["episodes"] > config.seed_episodes and (
+                    counters["episodes"] % config.test_interval == 0 or counters["episodes"] == config.episodes):
                 test_metrics, strip = test(self.model, self.test_env, config, counters["test_episodes"],
                                            self.run_dir)
                 counters["test_episodes"] += config.test_episodes
@@ -401,10 +411,11 @@ class Workspace:
 
 def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)  # absl set one.
-    config, resume = parse_args(argv)
+    config, run_dir, resume = parse_args(argv)
     try:
-        run_dir = Path(resume) if resume else make_run_dir(config)
-        workspace = Workspace(config, run_dir, resume=bool(resume))
+        run_dir = Path(run_dir) if run_dir else make_run_dir(config)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        workspace = Workspace(config, run_dir, resume=resume)
     except (ValueError, OSError) as error:
         sys.exit(f"error: {error}")
     if workspace.counters["episodes"] >= config.episodes:

@@ -9,8 +9,8 @@ from utils import ReplayBuffer
 
 
 def test_defaults_are_the_papers():
-    config, resume = parse_args([])
-    assert resume is None
+    config, run_dir, resume = parse_args([])
+    assert run_dir is None and resume is False
     assert (config.task, config.action_repeat, config.episodes, config.seed_episodes) == ("cheetah-run", 4, 1000, 5)
     assert (config.collect_interval, config.batch_size, config.chunk_length) == (100, 50, 50)
     assert (config.horizon, config.iterations, config.candidates, config.top_candidates) == (12, 10, 1000, 100)
@@ -18,6 +18,15 @@ def test_defaults_are_the_papers():
     assert (config.learning_rate, config.adam_epsilon, config.grad_clip_norm) == (1e-3, 1e-4, 1000.0)
     assert (config.belief_size, config.state_size, config.hidden_size) == (200, 30, 200)
     assert parse_args(["--task", "walker-walk"])[0].action_repeat == 2
+
+
+def test_run_dir_is_new_or_refused(tmp_path, capsys):
+    assert parse_args(["--run-dir", str(tmp_path / "a")])[1:] == (str(tmp_path / "a"), False)
+    (tmp_path / "config.json").write_text("{}")
+    for argv in (["--run-dir", str(tmp_path)], ["--run-dir", "x", "--resume", str(tmp_path)]):
+        with pytest.raises(SystemExit):
+            parse_args(argv)
+    assert "continue it with --resume" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flag", ["--test-interval", "--checkpoint-interval", "--collect-interval",
