@@ -7,9 +7,24 @@ from model import features
 from utils import preprocess_observation
 
 
+def rollout_returns(rssm, reward_model, actions, belief, state):
+    """Predicted return of open-loop rollouts with prior samples: actions `(T, N, A)` from beliefs
+    `(N, H)` and states `(N, S)` -> the sum of the reward model's means over the T steps, `(N,)`.
+
+    Rewards are added step by step instead of running the reward model on all T steps stacked:
+    `(N, 300)` activations stay in cache, and on a CPU the matmuls run twice as fast.
+    """
+    returns = torch.zeros(actions.shape[1], device=actions.device)
+    for action in actions:
+        belief, prior = rssm.img_step(state, action, belief)
+        state = prior.sample
+        returns += reward_model(features(belief, state))
+    return returns
+
+
 @torch.no_grad()
 def cem_plan(rssm, reward_model, belief, state, horizon=12, iterations=10, candidates=1000,
-             top_candidates=100):
+             top_candidates=100, rollout=rollout_returns):
     """Plan from the beliefs `(B, H)` and state samples `(B, S)` of B independent agents.
 
     Every candidate of an agent starts from that agent's one state sample. The belief over action
@@ -17,7 +32,8 @@ def cem_plan(rssm, reward_model, belief, state, horizon=12, iterations=10, candi
     clips them to [-1, 1], rolls them out with the prior (sampled states), scores each by the sum
     of predicted rewards over the horizon, and refits mean and population std to the best
     `top_candidates`. All candidates of all agents are one batch: no Python loop over candidates
-    and no host sync. Returns the first action of the final mean, `(B, A)`.
+    and no host sync. `rollout` may be a compiled `rollout_returns`. Returns the first action of
+    the final mean, `(B, A)`.
     """
     batch, action_size = belief.shape[0], rssm.action_size
     belief = belief.repeat_interleave(candidates, dim=0)  # (B * J, H), agent-major.
@@ -27,9 +43,8 @@ def cem_plan(rssm, reward_model, belief, state, horizon=12, iterations=10, candi
     for _ in range(iterations):
         noise = torch.randn(horizon, batch, candidates, action_size, device=belief.device)
         actions = (mean + std * noise).clamp(-1, 1)
-        beliefs, states = rssm.imagine(actions.reshape(horizon, batch * candidates, action_size),
-                                       belief, state)
-        returns = reward_model(features(beliefs, states)).sum(0).reshape(batch, candidates)
+        returns = rollout(rssm, reward_model, actions.reshape(horizon, batch * candidates, action_size),
+                          belief, state).reshape(batch, candidates)
         top = returns.topk(top_candidates, dim=1).indices  # (B, K)
         best = actions.gather(2, top[None, :, :, None].expand(horizon, -1, -1, action_size))
         mean = best.mean(2, keepdim=True)
@@ -105,6 +120,33 @@ def planner_policy(agent, action_noise=0.0):
         return agent.act(action_noise)[0]
 
     return policy
+
+
+def play_episodes(envs, agent, seeds, on_frames=None):
+    """One noise-free planner episode in each of N parallel envs, seeded with `seeds`: the agent
+    (batch size N) plans for all N in one batched call per step. Returns N episodes as
+    `play_episode` does; an env that finishes first keeps stepping, and its extra steps are dropped.
+    `on_frames(obs)` sees every `(N, 3, 64, 64)` observation."""
+    obs, _ = envs.reset(seed=list(seeds))
+    action = np.zeros(envs.action_space.shape, dtype=np.float32)
+    episodes = [{"obs": [o], "action": [a], "reward": [0.0]} for o, a in zip(obs, action)]
+    running = np.ones(len(episodes), dtype=bool)
+    agent.reset()
+    while running.any():
+        if on_frames is not None:
+            on_frames(obs)
+        agent.observe(obs, action)
+        action = agent.act()
+        obs, reward, terminated, truncated, _ = envs.step(action)
+        for i in np.flatnonzero(running):
+            episodes[i]["obs"].append(obs[i])
+            episodes[i]["action"].append(action[i])
+            episodes[i]["reward"].append(reward[i])
+        running &= ~(terminated | truncated)
+    if on_frames is not None:
+        on_frames(obs)
+    return [{"obs": np.stack(e["obs"]), "action": np.stack(e["action"]),
+             "reward": np.array(e["reward"], dtype=np.float32)} for e in episodes]
 
 
 def random_policy(action_size, rng):

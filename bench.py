@@ -5,6 +5,8 @@ number of runs and their spread (min-max). `--quick` shrinks the repeats and the
 iteration to a seconds-long smoke run; its figures are not the benchmark.
 """
 import argparse
+import contextlib
+import dataclasses
 import json
 import logging
 import platform
@@ -15,11 +17,11 @@ import time
 import numpy as np
 import torch
 
-from agent import Agent, cem_plan, planner_policy, play_episode
+from agent import Agent, cem_plan, planner_policy, play_episode, play_episodes
 from model import WorldModel
-from train import Config, update
-from utils import ReplayBuffer, preprocess_observation, resolve_device
-from wrappers import make_env
+from train import Config, test_seeds, train_model, update
+from utils import BatchPrefetcher, ReplayBuffer, resolve_device
+from wrappers import make_env, make_parallel_envs
 
 ENV_TASKS = ("cheetah-run", "cartpole-swingup")
 
@@ -58,36 +60,41 @@ def filled_buffer(config, action_size, episodes, rng):
     return buffer
 
 
+@contextlib.contextmanager
+def stopwatch(times, name, device):
+    """Append the wall-clock ms of the `with` body to `times[name]`."""
+    sync(device)
+    start = time.perf_counter()
+    yield
+    sync(device)
+    times.setdefault(name, []).append(1000 * (time.perf_counter() - start))
+
+
 def bench_update(config, model, optimizer, buffer, device, repeats):
-    """The whole update step, and its parts: batch sampling + transfer + preprocessing, forward
-    (the loss), backward + clipping + Adam."""
-    batch = {}
-
-    def sample():
-        obs, actions, rewards = (torch.from_numpy(x).to(device, non_blocking=True)
-                                 for x in buffer.sample(config.batch_size))
-        batch["data"] = preprocess_observation(obs, config.bit_depth), actions, rewards
-
-    def forward():
-        batch["loss"] = model.loss(*batch["data"], config.free_nats, config.reward_scale)[0]
-
-    def backward():
-        optimizer.zero_grad(set_to_none=True)
-        batch["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip_norm)
-        optimizer.step()
-
+    """The update step as the training loop runs it (batches prefetched in the background), and
+    its parts: waiting for the batch, forward (the loss), backward + clipping + Adam. Also the
+    cost of making one batch (sampling + transfer + preprocessing) in the foreground."""
+    generator = torch.Generator(device).manual_seed(0)
+    batches = iter(BatchPrefetcher(buffer, config.batch_size, 2 * repeats + 2, device,
+                                   config.bit_depth, generator))
     model.train()
-    step = timed(lambda: update(model, optimizer, buffer, config, device, 10_000), device, repeats)
-    sample_times = timed(sample, device, repeats)
-    forward_times, backward_times = [], []
-    for _ in range(repeats):
-        sample()
-        forward_times += timed(forward, device, 1, warmup=0)
-        backward_times += timed(backward, device, 1, warmup=0)
+    times = {"update": timed(lambda: update(model, optimizer, next(batches), config, 10_000), device, repeats)}
+    parts = {}
+    for _ in range(repeats + 1):
+        with stopwatch(parts, "sample", device):
+            data = next(batches)
+        with stopwatch(parts, "forward", device):
+            loss = model.loss(*data, config.free_nats, config.reward_scale)[0]
+        with stopwatch(parts, "backward", device):
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip_norm)
+            optimizer.step()
     model.eval()
-    return {"update": summary(step), "sample": summary(sample_times),
-            "forward": summary(forward_times), "backward": summary(backward_times)}
+    times.update({name: values[1:] for name, values in parts.items()})  # The first warmed up.
+    batcher = BatchPrefetcher(buffer, config.batch_size, 1, device, config.bit_depth, generator)
+    times["batch"] = timed(batcher.batch, device, repeats)
+    return {name: summary(values) for name, values in times.items()}
 
 
 def bench_plan(config, model, device, repeats):
@@ -111,19 +118,36 @@ def bench_env(task, steps):
 
 
 def bench_iteration(config, model, optimizer, buffer, device, updates, episode_steps):
-    """One training iteration: `updates` model updates, then one episode collected with the
-    planner and exploration noise. -> seconds."""
+    """One training iteration as train.py runs it: `updates` model updates, then one episode
+    collected with the planner and exploration noise. -> seconds."""
     env = make_env(config.task, seed=0, max_episode_length=episode_steps * config.action_repeat)
     agent = Agent(model, config.planner, config.bit_depth)
+    generator = torch.Generator(device).manual_seed(0)
     sync(device)
     start = time.perf_counter()
-    model.train()
-    for _ in range(updates):
-        update(model, optimizer, buffer, config, device, 10_000)
-    model.eval()
+    train_model(model, optimizer, buffer, dataclasses.replace(config, collect_interval=updates),
+                device, generator, 10_000)
     play_episode(env, planner_policy(agent, config.action_noise))
     sync(device)
     return time.perf_counter() - start
+
+
+def bench_test(config, model, device, episodes, decisions):
+    """Agent steps per second of a noise-free test of `episodes` episodes of `decisions` steps,
+    played in parallel (one batched CEM call per step) and one after another."""
+    length = decisions * config.action_repeat
+    rates = {}
+    for parallel in (episodes, 1):
+        with contextlib.closing(make_parallel_envs(config.task, parallel, config.action_repeat, length)) as envs:
+            agent = Agent(model, config.planner, config.bit_depth, batch_size=parallel)
+            play_episodes(envs, agent, test_seeds(0, 0, parallel))  # Warm-up.
+            sync(device)
+            start = time.perf_counter()
+            for first in range(0, episodes, parallel):
+                play_episodes(envs, agent, test_seeds(0, first, parallel))
+            sync(device)
+            rates["parallel" if parallel > 1 else "sequential"] = episodes * decisions / (time.perf_counter() - start)
+    return rates
 
 
 def main(argv=None):
@@ -163,24 +187,32 @@ def main(argv=None):
     logging.info("one training iteration (%d updates + an episode of %d steps) ...",
                  iteration_updates, episode_steps)
     iteration = bench_iteration(config, model, optimizer, buffer, device, iteration_updates, episode_steps)
+    test_episodes, test_decisions = (2, 1) if args.quick else (config.test_episodes, 3)
+    logging.info("a test of %d episodes of %d steps, in parallel and one after another ...",
+                 test_episodes, test_decisions)
+    test_rates = bench_test(config, model, device, test_episodes, test_decisions)
 
     results = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
         f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "torch": torch.__version__, "quick": args.quick,
         "update_ms": updates["update"]["median"], "sample_ms": updates["sample"]["median"],
+        "batch_ms": updates["batch"]["median"],
         "forward_ms": updates["forward"]["median"], "backward_ms": updates["backward"]["median"],
         "plan_ms": plan["median"],
         "env_steps_per_s": {task: statistics.median(rates) for task, rates in env_rates.items()},
         "iteration_s": iteration,
         "iteration": {"updates": iteration_updates, "episode_steps": episode_steps},
+        "test_steps_per_s": test_rates,
+        "test": {"episodes": test_episodes, "steps_per_episode": test_decisions},
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         "spread": {**{name: value for name, value in updates.items()}, "plan": plan,
                    "env": {task: summary(rates) for task, rates in env_rates.items()}},
     }
-    rows = [("update step", updates["update"], "ms"), ("  sample + transfer + preprocess", updates["sample"], "ms"),
+    rows = [("update step", updates["update"], "ms"), ("  waiting for the prefetched batch", updates["sample"], "ms"),
             ("  forward (loss)", updates["forward"], "ms"), ("  backward + clip + Adam", updates["backward"], "ms"),
+            ("one batch: sample + transfer + preprocess", updates["batch"], "ms"),
             ("CEM planning call", plan, "ms")]
     rows += [(f"env {task} (agent steps/s)", summary(rates), "") for task, rates in env_rates.items()]
     print(f"\n{results['device']}, torch {torch.__version__}{' (quick: not the benchmark)' if args.quick else ''}")
@@ -189,6 +221,9 @@ def main(argv=None):
         print(f"{name:40} {stats['median']:>10.1f} {stats['min']:>10.1f} {stats['max']:>10.1f} {stats['runs']:>5}  {unit}")
     print(f"{'training iteration':40} {iteration:>10.1f} {'':>10} {'':>10} {1:>5}  s "
           f"({iteration_updates} updates + {episode_steps}-step episode)")
+    for mode, rate in test_rates.items():
+        print(f"{'test, ' + mode + ' (agent steps/s)':40} {rate:>10.2f} {'':>10} {'':>10} {1:>5}  "
+              f"({test_episodes} episodes of {test_decisions} steps)")
     print(f"{'peak host memory (RSS)':40} {results['peak_rss_mb']:>10.0f}{'':>27}  MB")
     if results["peak_gpu_mb"] is not None:
         print(f"{'peak GPU memory':40} {results['peak_gpu_mb']:>10.0f}{'':>27}  MB")

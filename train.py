@@ -21,17 +21,17 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from agent import Agent, planner_policy, play_episode, random_policy
+from agent import Agent, planner_policy, play_episode, play_episodes, random_policy
 from model import WorldModel
-from utils import (ReplayBuffer, append_jsonl, atomic_write, episode_index, episode_paths,
+from utils import (BatchPrefetcher, ReplayBuffer, append_jsonl, atomic_write, episode_index, episode_paths,
                    global_rng_state, load_episode, open_loop_frames, pack_random_state,
-                   preprocess_observation, read_jsonl, resolve_device, save_episode,
+                   read_jsonl, resolve_device, save_episode,
                    set_global_rng_state, set_seed_everywhere, unpack_random_state, write_json,
                    write_jsonl)
-from wrappers import default_action_repeat, make_env, parse_task
+from wrappers import default_action_repeat, make_env, make_parallel_envs, parse_task
 
 CHECKPOINT = "checkpoint.pt"
-TEST_SEED_OFFSET = 10_000  # Test environments never share a seed with training ones.
+TEST_SEED_OFFSET = 10_000  # Tags the stream of test-episode seeds, apart from training's.
 POSITIVE = ("episodes", "seed_episodes", "collect_interval", "batch_size", "chunk_length",
             "max_episode_length", "buffer_capacity", "horizon", "iterations", "candidates",
             "top_candidates", "test_interval", "test_episodes", "checkpoint_interval", "belief_size",
@@ -203,16 +203,15 @@ def load_run(run_dir, device):
 
 # --- One update and C of them. ---
 
-def update(model, optimizer, buffer, config, device, step):
-    """Gradient step number `step` (from 0) on a batch of chunks. Returns the detached loss terms;
-    no host sync unless --nan-policy skip, which must look at the loss before stepping."""
+def update(model, optimizer, batch, config, step):
+    """Gradient step number `step` (from 0) on a batch of preprocessed chunks `(obs, actions,
+    rewards)` on the model's device. Returns the detached loss terms; no host sync unless
+    --nan-policy skip, which must look at the loss before stepping."""
     warmup = min(1.0, step / config.warmup_updates) if config.warmup_updates else 1.0
     for group in optimizer.param_groups:
         group["lr"] = config.learning_rate * warmup
-    obs, actions, rewards = (torch.from_numpy(x).to(device, non_blocking=True)
-                             for x in buffer.sample(config.batch_size))
-    loss, terms = model.loss(preprocess_observation(obs, config.bit_depth), actions, rewards,
-                             config.free_nats, config.reward_scale,
+    obs, actions, rewards = batch
+    loss, terms = model.loss(obs, actions, rewards, config.free_nats, config.reward_scale,
                              config.overshooting_distance, config.overshooting_kl_beta)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -224,13 +223,16 @@ def update(model, optimizer, buffer, config, device, step):
     return terms
 
 
-def train_model(model, optimizer, buffer, config, device, first_update):
-    """C updates. Returns their mean terms; raises FloatingPointError naming the first
-    non-finite update unless --nan-policy skip."""
+def train_model(model, optimizer, buffer, config, device, generator, first_update):
+    """C updates on batches prefetched in the background, their dequantisation noise drawn from
+    `generator`. Returns their mean terms; raises FloatingPointError naming the first non-finite
+    update unless --nan-policy skip."""
     model.train()
     start = time.perf_counter()
-    history = [update(model, optimizer, buffer, config, device, first_update + i)
-               for i in range(config.collect_interval)]
+    batches = BatchPrefetcher(buffer, config.batch_size, config.collect_interval, device,
+                              config.bit_depth, generator)
+    history = [update(model, optimizer, batch, config, first_update + i)
+               for i, batch in enumerate(batches)]
     model.eval()
     terms = {name: torch.stack([h[name] for h in history]).cpu() for name in history[0]}
     finite = torch.stack(list(terms.values())).isfinite().all(0)
@@ -246,11 +248,19 @@ def train_model(model, optimizer, buffer, config, device, first_update):
     return metrics
 
 
-def test(model, env, config, first_index, run_dir):
-    """Noise-free episodes with the planner, saved from `first_index` on. Returns the metrics and
-    a strip of ground truth (top) over open-loop prediction (bottom) for the first episode."""
-    agent = Agent(model, config.planner, config.bit_depth)
-    episodes = [play_episode(env, planner_policy(agent)) for _ in range(config.test_episodes)]
+def test_seeds(seed, first_index, count):
+    """Env seeds of the test episodes `first_index ...`: one per episode, so that a test does not
+    depend on the tests before it, and apart from the training env's seed (the run's seed)."""
+    return [int(np.random.SeedSequence([seed, TEST_SEED_OFFSET, first_index + i]).generate_state(1)[0])
+            for i in range(count)]
+
+
+def test(model, envs, config, first_index, run_dir):
+    """Noise-free planner episodes in the parallel `envs`, one each, saved from `first_index` on.
+    Returns the metrics and a strip of ground truth (top) over open-loop prediction (bottom) for
+    the first episode."""
+    agent = Agent(model, config.planner, config.bit_depth, batch_size=envs.num_envs)
+    episodes = play_episodes(envs, agent, test_seeds(config.seed, first_index, envs.num_envs))
     for i, episode in enumerate(episodes):
         save_episode(Path(run_dir) / "episodes" / "test", first_index + i, episode)
     returns = np.array([episode["reward"].sum() for episode in episodes])
@@ -290,12 +300,12 @@ class Workspace:
         set_seed_everywhere(config.seed)
         self.rng = np.random.default_rng(config.seed)  # Seed episodes' random actions.
         self.env = make_env(config.task, config.seed, config.action_repeat, config.max_episode_length)
-        self.test_env = make_env(config.task, config.seed + TEST_SEED_OFFSET, config.action_repeat,
-                                 config.max_episode_length)
+        self.test_envs = None  # Worker processes, started at the first test.
         self.model = build_model(config, self.env.action_size).to(self.device).eval()
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.learning_rate,
                                           eps=config.adam_epsilon)
         self.buffer = ReplayBuffer(config.chunk_length, config.buffer_capacity, seed=config.seed)
+        self.batch_noise = torch.Generator(self.device).manual_seed(config.seed)  # Dequantisation.
         self.agent = Agent(self.model, config.planner, config.bit_depth)
         self.counters = {"episodes": 0, "env_steps": 0, "updates": 0, "test_episodes": 0}
         if resume:
@@ -315,8 +325,8 @@ class Workspace:
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "rng": {**global_rng_state(), "actions": self.rng.bit_generator.state,
                     "replay": self.buffer.rng.bit_generator.state,
-                    "env": pack_random_state(self.env.get_rng_state()),
-                    "test_env": pack_random_state(self.test_env.get_rng_state())},
+                    "batch_noise": self.batch_noise.get_state(),
+                    "env": pack_random_state(self.env.get_rng_state())},
         }
         data = io.BytesIO()
         torch.save(state, data)  # In memory first, so that a full disk fails as an OSError below.
@@ -344,8 +354,8 @@ class Workspace:
         set_global_rng_state(rng)
         self.rng.bit_generator.state = rng["actions"]
         self.buffer.rng.bit_generator.state = rng["replay"]
+        self.batch_noise.set_state(rng["batch_noise"])
         self.env.set_rng_state(unpack_random_state(rng["env"]))
-        self.test_env.set_rng_state(unpack_random_state(rng["test_env"]))
         logging.info("resumed %s after %d episodes, %d env steps, %d updates; %d steps in replay",
                      self.run_dir, self.counters["episodes"], self.counters["env_steps"],
                      self.counters["updates"], self.buffer.steps)
@@ -374,7 +384,7 @@ class Workspace:
                 policy = random_policy(self.env.action_size, self.rng)
             else:
                 metrics = train_model(self.model, self.optimizer, self.buffer, config, self.device,
-                                      counters["updates"])
+                                      self.batch_noise, counters["updates"])
                 counters["updates"] += config.collect_interval
                 policy = planner_policy(self.agent, config.action_noise)
             start = time.perf_counter()
@@ -388,7 +398,10 @@ class Workspace:
             # Every test_interval episodes, and after the last: the paper's final score.
             if counters["episodes"] > config.seed_episodes and (
                     counters["episodes"] % config.test_interval == 0 or counters["episodes"] == config.episodes):
-                test_metrics, strip = test(self.model, self.test_env, config, counters["test_episodes"],
+                if self.test_envs is None:
+                    self.test_envs = make_parallel_envs(config.task, config.test_episodes, config.action_repeat,
+                                                        config.max_episode_length)
+                test_metrics, strip = test(self.model, self.test_envs, config, counters["test_episodes"],
                                            self.run_dir)
                 counters["test_episodes"] += config.test_episodes
                 metrics.update(test_metrics)
@@ -400,7 +413,12 @@ class Workspace:
             progress.set_postfix({name.split("/")[0]: round(metrics[name], 1)
                                   for name in ("train/return", "test/return") if name in metrics})
         progress.close()
+        self.close()
+
+    def close(self):
         self.writer.close()
+        if self.test_envs is not None:
+            self.test_envs.close()
 
     def log(self, metrics):
         for name, value in metrics.items():
@@ -421,6 +439,7 @@ def main(argv=None):
     if workspace.counters["episodes"] >= config.episodes:
         logging.info("%s already has %d episodes; raise --episodes to train longer",
                      run_dir, workspace.counters["episodes"])
+        workspace.close()
         return
     logging.info("run directory: %s (device %s)", run_dir, workspace.device)
     try:

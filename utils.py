@@ -1,8 +1,11 @@
 """Replay buffer, episode files, bit-depth pre/post-processing and small shared helpers."""
+import contextlib
 import io
 import json
 import os
+import queue
 import random
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -11,14 +14,14 @@ import torch
 
 # --- Bit-depth reduction (PlaNet Appendix A: 5-bit images with uniform dequantisation noise). ---
 
-def preprocess_observation(obs, bit_depth=5):
+def preprocess_observation(obs, bit_depth=5, generator=None):
     """uint8 `(..., 3, 64, 64)` tensor -> float in [-0.5, 0.5), on the tensor's device.
 
-    x = floor(o / 2^(8-b)) / 2^b + U(0, 1/2^b) - 0.5
+    x = floor(o / 2^(8-b)) / 2^b + U(0, 1/2^b) - 0.5, computed as (U(0, 1) + (o >> (8-b))) / 2^b - 0.5
+    in place on the noise, since a batch is 30M pixels. `generator` draws the noise.
     """
-    bins = 2 ** bit_depth
-    quantised = torch.div(obs, 2 ** (8 - bit_depth), rounding_mode="floor").float() / bins
-    return quantised + torch.rand_like(quantised) / bins - 0.5
+    noise = torch.rand(obs.shape, generator=generator, device=obs.device)
+    return noise.add_(obs >> (8 - bit_depth)).div_(2 ** bit_depth).sub_(0.5)
 
 
 def postprocess_observation(x, bit_depth=5):
@@ -116,6 +119,74 @@ class ReplayBuffer:
                   for i, o in zip(index, offset)]
         return tuple(np.stack([chunk[key] for chunk in chunks], axis=1)
                      for key in ("obs", "action", "reward"))
+
+
+class BatchPrefetcher:
+    """`count` training batches, each sampled from the replay buffer, moved to `device` and
+    preprocessed there by a background thread that keeps `depth` batches ahead of the training
+    loop, so that the update step does not wait for its data.
+
+    Iterating yields obs `(L, B, 3, 64, 64)` float, actions `(L, B, A)` and rewards `(L, B)` on the
+    device. While it runs, the thread is the only user of the buffer's sampler and of `generator`
+    (the dequantisation noise), and it draws exactly `count` batches: the batches, and the
+    generators' states afterwards, are those of sampling one batch per update in the loop.
+    """
+
+    def __init__(self, buffer, batch_size, count, device, bit_depth=5, generator=None, depth=2):
+        self.buffer, self.batch_size, self.count = buffer, batch_size, count
+        self.device, self.bit_depth, self.generator = torch.device(device), bit_depth, generator
+        self._queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+
+    def batch(self):
+        """One batch, made in the calling thread."""
+        obs, actions, rewards = self.buffer.sample(self.batch_size)
+        obs, actions, rewards = (torch.from_numpy(x) for x in (obs, actions, rewards))
+        if self.device.type == "cuda":  # Page-locked memory lets the copies run asynchronously.
+            obs, actions, rewards = (x.pin_memory() for x in (obs, actions, rewards))
+        obs, actions, rewards = (x.to(self.device, non_blocking=True) for x in (obs, actions, rewards))
+        return preprocess_observation(obs, self.bit_depth, self.generator), actions, rewards
+
+    def _produce(self):
+        # On a GPU the copies and preprocessing run on a side stream that the consumer waits on.
+        stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        try:
+            with torch.cuda.stream(stream) if stream else contextlib.nullcontext():
+                for _ in range(self.count):
+                    batch = self.batch()
+                    if not self._put((batch, stream.record_event() if stream else None)):
+                        return
+        except BaseException as error:  # Raised again in the training loop.
+            self._put(error)
+
+    def _put(self, item):
+        """Queue `item` unless the loop stopped early. -> whether it was queued."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self):
+        thread = threading.Thread(target=self._produce, name="batch-prefetcher", daemon=True)
+        thread.start()
+        try:
+            for _ in range(self.count):
+                item = self._queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                batch, event = item
+                if event is not None:
+                    consumer = torch.cuda.current_stream(self.device)
+                    consumer.wait_event(event)
+                    for x in batch:  # Keep the side stream's memory until the consumer is done.
+                        x.record_stream(consumer)
+                yield batch
+        finally:
+            self._stop.set()
+            thread.join()
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from agent import Agent, planner_policy, play_episode
-from train import TEST_SEED_OFFSET, load_run
+from train import load_run, test_seeds
 from utils import load_episode, open_loop_frames, resolve_device, set_seed_everywhere
 from wrappers import make_env
 
@@ -53,7 +53,8 @@ def main(argv=None):
     parser.add_argument("--episode", default=None,
                         help="an episode .npz to use instead of playing a new one with the planner")
     parser.add_argument("--seed", type=int, default=None,
-                        help=f"environment seed (default: the run's seed + {TEST_SEED_OFFSET})")
+                        help="seed of the test episode (default: the run's seed, whose first "
+                             "episode is that of the run's first test)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)  # absl set one.
@@ -64,13 +65,13 @@ def main(argv=None):
         config, model, _ = load_run(args.run_dir, device)
     except ValueError as error:
         sys.exit(f"error: {error}")
-    seed = config.seed + TEST_SEED_OFFSET if args.seed is None else args.seed
+    seed = config.seed if args.seed is None else args.seed
     set_seed_everywhere(seed)
     total = args.context + args.length
     if args.episode:
         episode = load_episode(args.episode)
     else:
-        env = make_env(config.task, seed, config.action_repeat,
+        env = make_env(config.task, test_seeds(seed, 0, 1)[0], config.action_repeat,
                        min(config.max_episode_length, total * config.action_repeat))
         episode = play_episode(env, planner_policy(Agent(model, config.planner, config.bit_depth)))
     if len(episode["reward"]) < total:

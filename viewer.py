@@ -7,7 +7,7 @@ import numpy as np
 
 
 class ImageViewer:
-    """Shows `(3, H, W)` uint8 RGB frames, enlarged `scale` times, in one window."""
+    """Shows uint8 RGB frames, enlarged `scale` times, in one window."""
 
     def __init__(self, title="PlaNet", scale=6):
         self.title, self.scale = title, scale
@@ -22,6 +22,9 @@ class ImageViewer:
                                "(pip install opencv-python)") from error
 
     def show(self, obs):
+        """One frame `(3, H, W)`, or N frames `(N, 3, H, W)` side by side."""
+        if obs.ndim == 4:
+            obs = np.concatenate(list(obs), axis=2)
         image = cv2.cvtColor(np.ascontiguousarray(obs.transpose(1, 2, 0)), cv2.COLOR_RGB2BGR)
         image = cv2.resize(image, None, fx=self.scale, fy=self.scale, interpolation=cv2.INTER_NEAREST)
         cv2.imshow(self.title, image)

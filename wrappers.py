@@ -3,6 +3,7 @@
 `reset()` gives `(obs, info)` and `step(action)` gives `(obs, reward, terminated, truncated, info)`,
 where `obs` is a `(3, 64, 64)` uint8 image rendered once per agent decision (PlaNet Sec. 5).
 """
+import functools
 import os
 
 os.environ.setdefault("MUJOCO_GL", "egl")  # Headless rendering unless the user chose otherwise.
@@ -116,3 +117,15 @@ class DMCEnv(gym.Env):
 
 def make_env(task, seed=0, action_repeat=None, max_episode_length=1000):
     return DMCEnv(task, seed=seed, action_repeat=action_repeat, max_episode_length=max_episode_length)
+
+
+def make_parallel_envs(task, count, action_repeat=None, max_episode_length=1000):
+    """`count` copies of the env stepped together, each in its own worker process so that physics
+    and rendering use every core. Seed their episodes with `reset(seed=[...])`.
+
+    Workers are spawned, not forked: a fork would copy this process's EGL and CUDA state. Nothing
+    resets an env behind the caller's back (autoreset off); stepping a finished one is harmless.
+    """
+    make = functools.partial(make_env, task, 0, action_repeat, max_episode_length)
+    return gym.vector.AsyncVectorEnv([make] * count, context="spawn",
+                                     autoreset_mode=gym.vector.AutoresetMode.DISABLED)

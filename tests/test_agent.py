@@ -1,35 +1,37 @@
 """The CEM planner on a toy objective, and the acting loop's data alignment with the real env."""
+import contextlib
+
 import numpy as np
 import pytest
 import torch
 
-from agent import Agent, cem_plan, planner_policy, play_episode
+from agent import Agent, cem_plan, planner_policy, play_episode, play_episodes, rollout_returns
 from conftest import TINY_MODEL
-from model import WorldModel
-from wrappers import make_env
+from model import WorldModel, features
+from wrappers import make_env, make_parallel_envs
 
 
 class ToyDynamics:
-    """A stand-in RSSM whose 'belief' carries each agent's target action: features are the
-    candidate action minus the target, so the reward -|feature|^2 peaks at the target."""
+    """A stand-in RSSM whose 'belief' carries each agent's target action."""
 
     def __init__(self, action_size):
         self.action_size = action_size
 
-    def imagine(self, actions, belief, state):
-        return actions - belief, state.expand(len(actions), *state.shape)
+
+def toy_rollout(rssm, reward_model, actions, belief, state):
+    """Returns -|action - target|^2 summed over the horizon: they peak at each agent's target."""
+    return -((actions - belief) ** 2).sum((0, 2))
 
 
-def toy_reward(feature):
-    return -(feature ** 2).sum(-1)
+def toy_plan(targets, **planner):
+    return cem_plan(ToyDynamics(targets.shape[1]), None, targets, torch.zeros(len(targets), 0),
+                    rollout=toy_rollout, **planner)
 
 
 def test_cem_finds_the_optimum_of_each_agent():
     torch.manual_seed(0)
     targets = torch.tensor([[0.5, -0.3, 0.8], [-0.7, 0.2, 0.0], [1.5, -2.0, 0.3]])
-    state = torch.zeros(3, 0)
-    action = cem_plan(ToyDynamics(3), toy_reward, targets, state, horizon=4, iterations=10,
-                      candidates=1000, top_candidates=100)
+    action = toy_plan(targets, horizon=4, iterations=10, candidates=1000, top_candidates=100)
     assert action.shape == (3, 3)
     # Targets outside [-1, 1] are reached at the clip boundary: candidates are clipped.
     expected = targets.clamp(-1, 1)
@@ -40,11 +42,22 @@ def test_cem_with_one_iteration_is_only_the_mean_of_the_best():
     """After one iteration from N(0, 1), the plan is far from a target that more iterations reach."""
     torch.manual_seed(0)
     target = torch.full((1, 6), 0.9)
-    one = cem_plan(ToyDynamics(6), toy_reward, target, torch.zeros(1, 0), horizon=2, iterations=1,
-                   candidates=100, top_candidates=10)
-    many = cem_plan(ToyDynamics(6), toy_reward, target, torch.zeros(1, 0), horizon=2, iterations=10,
-                    candidates=100, top_candidates=10)
+    one = toy_plan(target, horizon=2, iterations=1, candidates=100, top_candidates=10)
+    many = toy_plan(target, horizon=2, iterations=10, candidates=100, top_candidates=10)
     assert (many - target).abs().max() < (one - target).abs().max()
+
+
+def test_rollout_returns_equal_the_summed_rewards_of_an_imagined_rollout(tiny_model):
+    """The planner's step-by-step sum is the reward model on `imagine`'s stacked rollout."""
+    belief, state = torch.randn(7, 16), torch.randn(7, 4)
+    actions = torch.rand(5, 7, 2) * 2 - 1
+    with torch.no_grad():
+        torch.manual_seed(3)
+        beliefs, states = tiny_model.rssm.imagine(actions, belief, state)
+        expected = tiny_model.reward_model(features(beliefs, states)).sum(0)
+        torch.manual_seed(3)
+        returns = rollout_returns(tiny_model.rssm, tiny_model.reward_model, actions, belief, state)
+    torch.testing.assert_close(returns, expected)
 
 
 def test_episode_alignment_with_the_real_env():
@@ -88,3 +101,29 @@ def test_agent_filters_with_the_executed_noisy_action():
     # The belief was updated with what the env executed (noise and clipping), not with the plan.
     np.testing.assert_array_equal(np.concatenate(observed), episode["action"][:-1])
     assert not np.allclose(np.concatenate(planned), episode["action"][1:])
+
+
+def test_parallel_episodes_are_the_sequential_ones():
+    """N envs in worker processes with one batched planner play, for each seed, the episode that
+    one env with that seed replays frame by frame with the recorded actions."""
+    torch.manual_seed(0)
+    seeds = [11, 12, 13]
+    agent = Agent(WorldModel(action_size=1, **TINY_MODEL),
+                  {"horizon": 3, "iterations": 2, "candidates": 8, "top_candidates": 2},
+                  batch_size=len(seeds))
+    with contextlib.closing(make_parallel_envs("cartpole-swingup", len(seeds), max_episode_length=48)) as envs:
+        episodes = play_episodes(envs, agent, seeds)
+    assert len(episodes) == 3
+    for seed, episode in zip(seeds, episodes):
+        assert episode["obs"].shape == (7, 3, 64, 64) and episode["action"].shape == (7, 1)
+        assert (episode["action"][0] == 0).all() and episode["reward"][0] == 0
+        replay = make_env("cartpole-swingup", max_episode_length=48)
+        obs, _ = replay.reset(seed=seed)
+        np.testing.assert_array_equal(obs, episode["obs"][0])
+        for t in range(1, 7):
+            obs, reward, *_ = replay.step(episode["action"][t])
+            np.testing.assert_array_equal(obs, episode["obs"][t])
+            assert reward == pytest.approx(episode["reward"][t])
+    # Different seeds start differently, and the agents planned for their own beliefs.
+    assert not np.array_equal(episodes[0]["obs"][0], episodes[1]["obs"][0])
+    assert not np.array_equal(episodes[0]["action"], episodes[1]["action"])

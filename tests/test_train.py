@@ -5,7 +5,7 @@ import torch
 from conftest import TINY_MODEL, make_episode
 from model import WorldModel
 from train import Config, parse_args, update
-from utils import ReplayBuffer
+from utils import BatchPrefetcher, ReplayBuffer
 
 
 def test_defaults_are_the_papers():
@@ -44,9 +44,10 @@ def test_learning_rate_warms_up_linearly_over_the_official_ramp():
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, eps=config.adam_epsilon)
     buffer = ReplayBuffer(4)
     buffer.add(make_episode(0, 10))
+    batches = BatchPrefetcher(buffer, config.batch_size, count=1, device="cpu")
     for step, expected in ((0, 0.0), (50, 2.5e-4), (100, 5e-4), (200, 1e-3), (5000, 1e-3)):
-        update(model, optimizer, buffer, config, "cpu", step)
+        update(model, optimizer, batches.batch(), config, step)
         assert optimizer.param_groups[0]["lr"] == pytest.approx(expected)
     config.warmup_updates = 0
-    update(model, optimizer, buffer, config, "cpu", 0)
+    update(model, optimizer, batches.batch(), config, 0)
     assert optimizer.param_groups[0]["lr"] == 1e-3

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import make_episode
-from utils import (ReplayBuffer, episode_paths, load_episode, postprocess_observation,
+from utils import (BatchPrefetcher, ReplayBuffer, episode_paths, load_episode, postprocess_observation,
                    preprocess_observation, save_episode)
 
 
@@ -54,6 +54,35 @@ def test_capacity_drops_the_oldest_episodes_from_memory():
         buffer.add(make_episode(i, 40))
     assert buffer.steps <= 100
     assert [int(e["obs"][0, 0, 0, 0]) for e in buffer.episodes] == [3, 4]
+
+
+def test_prefetched_batches_are_those_of_sampling_in_the_loop():
+    """The background thread draws the same batches and leaves the generators in the same state."""
+    def setup():
+        buffer = ReplayBuffer(chunk_length=6, seed=4)
+        for i in range(3):
+            buffer.add(make_episode(i, 20))
+        return buffer, torch.Generator().manual_seed(5)
+
+    buffer, generator = setup()
+    prefetched = list(BatchPrefetcher(buffer, 3, count=5, device="cpu", generator=generator))
+    expected_buffer, expected_generator = setup()
+    batcher = BatchPrefetcher(expected_buffer, 3, count=5, device="cpu", generator=expected_generator)
+    expected = [batcher.batch() for _ in range(5)]
+    assert len(prefetched) == 5
+    for batch, expected_batch in zip(prefetched, expected):
+        assert batch[0].shape == (6, 3, 3, 64, 64) and batch[0].dtype == torch.float32
+        for x, y in zip(batch, expected_batch):
+            torch.testing.assert_close(x, y, rtol=0, atol=0)
+    assert buffer.rng.integers(1 << 30) == expected_buffer.rng.integers(1 << 30)
+    assert torch.equal(generator.get_state(), expected_generator.get_state())
+
+
+def test_prefetcher_raises_the_threads_error_in_the_loop():
+    buffer = ReplayBuffer(chunk_length=50)
+    buffer.add(make_episode(0, 10))
+    with pytest.raises(ValueError, match="chunk of 50"):
+        list(BatchPrefetcher(buffer, 4, count=3, device="cpu"))
 
 
 def test_sampling_an_empty_buffer_says_why():
