@@ -1,7 +1,10 @@
 """Planning in latent space with the cross-entropy method (PlaNet Sec. 2, Algorithm 2; official
 `control/planning.py`), and the agent that filters observations and acts with it."""
+import functools
+
 import numpy as np
 import torch
+import torch._inductor.config
 
 from model import features
 from utils import preprocess_observation
@@ -20,6 +23,15 @@ def rollout_returns(rssm, reward_model, actions, belief, state):
         state = prior.sample
         returns += reward_model(features(belief, state))
     return returns
+
+
+@functools.cache
+def compiled_rollout_returns():
+    """`rollout_returns` through `torch.compile`, which fuses the elementwise ops of each step.
+    It compiles at the first call for each batch shape (about a minute on a CPU). Random draws
+    stay eager PyTorch's (`fallback_random`), so a seed gives the plan of the uncompiled rollout."""
+    torch._inductor.config.fallback_random = True
+    return torch.compile(rollout_returns, dynamic=False)
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ import torch
 from agent import Agent, cem_plan, planner_policy, play_episode, play_episodes
 from model import WorldModel
 from train import Config, test_seeds, train_model, update
-from utils import BatchPrefetcher, ReplayBuffer, resolve_device
+from utils import BatchPrefetcher, ReplayBuffer, keep_freed_memory, resolve_device
 from wrappers import make_env, make_parallel_envs
 
 ENV_TASKS = ("cheetah-run", "cartpole-swingup")
@@ -159,6 +159,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per figure (default 7; quick 2)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
+    keep_freed_memory()
     try:
         device = resolve_device(args.device)
     except ValueError as error:

@@ -14,7 +14,7 @@ import torch
 
 from agent import Agent, play_episodes
 from train import load_run, test_seeds
-from utils import resolve_device, set_seed_everywhere
+from utils import keep_freed_memory, resolve_device, set_seed_everywhere
 from wrappers import make_parallel_envs
 
 
@@ -33,6 +33,7 @@ def main(argv=None):
     if args.episodes < 1 or args.parallel < 1:
         parser.error("--episodes and --parallel must be at least 1")
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)  # absl set one.
+    keep_freed_memory()
     try:
         device = resolve_device(args.device)
         config, model, checkpoint = load_run(args.run_dir, device)

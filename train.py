@@ -21,13 +21,13 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from agent import Agent, planner_policy, play_episode, play_episodes, random_policy
+from agent import (Agent, compiled_rollout_returns, planner_policy, play_episode, play_episodes,
+                   random_policy, rollout_returns)
 from model import WorldModel
-from utils import (BatchPrefetcher, ReplayBuffer, append_jsonl, atomic_write, episode_index, episode_paths,
-                   global_rng_state, load_episode, open_loop_frames, pack_random_state,
-                   read_jsonl, resolve_device, save_episode,
-                   set_global_rng_state, set_seed_everywhere, unpack_random_state, write_json,
-                   write_jsonl)
+from utils import (BatchPrefetcher, ReplayBuffer, append_jsonl, atomic_write, episode_index,
+                   episode_paths, global_rng_state, keep_freed_memory, load_episode, open_loop_frames,
+                   pack_random_state, read_jsonl, resolve_device, save_episode, set_global_rng_state,
+                   set_seed_everywhere, unpack_random_state, write_json, write_jsonl)
 from wrappers import default_action_repeat, make_env, make_parallel_envs, parse_task
 
 CHECKPOINT = "checkpoint.pt"
@@ -36,7 +36,7 @@ POSITIVE = ("episodes", "seed_episodes", "collect_interval", "batch_size", "chun
             "max_episode_length", "buffer_capacity", "horizon", "iterations", "candidates",
             "top_candidates", "test_interval", "test_episodes", "checkpoint_interval", "belief_size",
             "state_size", "hidden_size", "reward_hidden_size", "cnn_depth", "bit_depth")
-RESUME_MAY_CHANGE = ("episodes", "device", "nan_policy")  # Every other setting stays the run's own.
+RESUME_MAY_CHANGE = ("episodes", "device", "nan_policy", "compile_planner")  # Every other setting stays the run's own.
 
 
 def option(default, help):
@@ -66,6 +66,8 @@ class Config:
     iterations: int = option(10, "CEM iterations (I)")
     candidates: int = option(1000, "action sequences per iteration (J)")
     top_candidates: int = option(100, "best sequences the belief is refit to (K)")
+    compile_planner: bool = option(False, "torch.compile the planner's rollout: fused elementwise "
+                                   "ops, same plans, compiled at the first step")
     # Evaluation and saving.
     test_interval: int = option(10, "episodes between noise-free tests")
     test_episodes: int = option(10, "episodes per test")
@@ -93,7 +95,8 @@ class Config:
     @property
     def planner(self):
         return {"horizon": self.horizon, "iterations": self.iterations,
-                "candidates": self.candidates, "top_candidates": self.top_candidates}
+                "candidates": self.candidates, "top_candidates": self.top_candidates,
+                "rollout": compiled_rollout_returns() if self.compile_planner else rollout_returns}
 
 
 def parse_args(argv=None):
@@ -107,7 +110,8 @@ def parse_args(argv=None):
                         help="start a new run in DIR (which must not hold a run yet) instead of "
                              "<log-dir>/<task>/<time>; for sweeps that need known paths")
     for f in dataclasses.fields(Config):
-        parser.add_argument("--" + f.name.replace("_", "-"), type=f.type,
+        kind = {"action": argparse.BooleanOptionalAction} if f.type is bool else {"type": f.type}
+        parser.add_argument("--" + f.name.replace("_", "-"), **kind,
                             help=f"{f.metadata['help']} (default: {f.default})")
     given = vars(parser.parse_args(argv))  # Only the flags on the command line.
     resume, run_dir = given.pop("resume", None), given.pop("run_dir", None)
@@ -429,6 +433,7 @@ class Workspace:
 
 def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)  # absl set one.
+    keep_freed_memory()
     config, run_dir, resume = parse_args(argv)
     try:
         run_dir = Path(run_dir) if run_dir else make_run_dir(config)

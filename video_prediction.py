@@ -15,7 +15,8 @@ import torch
 
 from agent import Agent, planner_policy, play_episode
 from train import load_run, test_seeds
-from utils import load_episode, open_loop_frames, resolve_device, set_seed_everywhere
+from utils import (keep_freed_memory, load_episode, open_loop_frames, resolve_device,
+                   set_seed_everywhere)
 from wrappers import make_env
 
 SCALE = 4  # Each 64x64 frame is shown at 256x256.
@@ -58,6 +59,7 @@ def main(argv=None):
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)  # absl set one.
+    keep_freed_memory()
     if args.context < 1 or args.length < 1:
         parser.error("--context and --length must be positive")
     try:

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from agent import Agent, cem_plan, planner_policy, play_episode, play_episodes, rollout_returns
+from agent import (Agent, cem_plan, compiled_rollout_returns, planner_policy, play_episode,
+                   play_episodes, rollout_returns)
 from conftest import TINY_MODEL
 from model import WorldModel, features
 from wrappers import make_env, make_parallel_envs
@@ -127,3 +128,20 @@ def test_parallel_episodes_are_the_sequential_ones():
     # Different seeds start differently, and the agents planned for their own beliefs.
     assert not np.array_equal(episodes[0]["obs"][0], episodes[1]["obs"][0])
     assert not np.array_equal(episodes[0]["action"], episodes[1]["action"])
+
+
+def test_compiled_rollout_is_the_same_function(tiny_model):
+    """--compile-planner: the compiled rollout gives the eager returns and, seed for seed, the plan."""
+    rssm, reward_model = tiny_model.rssm, tiny_model.reward_model
+    belief, state = torch.randn(64, 16), torch.randn(64, 4)
+    actions = torch.rand(4, 64, 2) * 2 - 1
+    returns = {}
+    for name, rollout in (("eager", rollout_returns), ("compiled", compiled_rollout_returns())):
+        with torch.no_grad():
+            torch.manual_seed(7)
+            returns[name] = rollout(rssm, reward_model, actions, belief, state)
+            torch.manual_seed(8)
+            returns[name + " plan"] = cem_plan(rssm, reward_model, belief[:2], state[:2], horizon=4,
+                                               iterations=3, candidates=32, top_candidates=4, rollout=rollout)
+    torch.testing.assert_close(returns["compiled"], returns["eager"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(returns["compiled plan"], returns["eager plan"], rtol=1e-4, atol=1e-4)
