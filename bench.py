@@ -24,6 +24,7 @@ from utils import BatchPrefetcher, ReplayBuffer, keep_freed_memory, resolve_devi
 from wrappers import make_env, make_parallel_envs
 
 ENV_TASKS = ("cheetah-run", "cartpole-swingup")
+FIGURES = ("update", "plan", "env", "iteration", "test")
 
 
 def sync(device):
@@ -157,6 +158,10 @@ def main(argv=None):
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per figure (default 7; quick 2)")
+    parser.add_argument("--figures", nargs="+", choices=FIGURES, default=list(FIGURES),
+                        help="measure only these")
+    parser.add_argument("--compile-planner", action="store_true",
+                        help="plan with the compiled rollout, as train.py --compile-planner")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
     keep_freed_memory()
@@ -167,67 +172,66 @@ def main(argv=None):
     repeats = args.repeats or (2 if args.quick else 7)
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
-    config = Config()  # The paper's sizes: cheetah-run, B=50, L=50, H=12, I=10, J=1000, K=100.
-    config.action_repeat = 4
+    # The paper's sizes: cheetah-run, B=50, L=50, H=12, I=10, J=1000, K=100.
+    config = Config(action_repeat=4, compile_planner=args.compile_planner)
     action_size = make_env(config.task).action_size
     model = WorldModel(action_size).to(device).eval()
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, eps=config.adam_epsilon)
     buffer = filled_buffer(config, action_size, episodes=4 if args.quick else 20, rng=rng)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
+               f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+               "torch": torch.__version__, "quick": args.quick, "compile_planner": args.compile_planner}
+    spread, rows = {}, []  # rows: (name, summary, unit)
 
-    logging.info("update step (B=%d, L=%d) ...", config.batch_size, config.chunk_length)
-    updates = bench_update(config, model, optimizer, buffer, device, repeats)
-    logging.info("CEM planning call (H=%d, I=%d, J=%d, K=%d) ...", config.horizon, config.iterations,
-                 config.candidates, config.top_candidates)
-    plan = bench_plan(config, model, device, repeats)
-    logging.info("environments ...")
-    env_rates = {task: [bench_env(task, 20 if args.quick else 250) for _ in range(max(1, repeats // 2))]
-                 for task in ENV_TASKS}
-    iteration_updates, episode_steps = (2, 5) if args.quick else (config.collect_interval, 250)
-    logging.info("one training iteration (%d updates + an episode of %d steps) ...",
-                 iteration_updates, episode_steps)
-    iteration = bench_iteration(config, model, optimizer, buffer, device, iteration_updates, episode_steps)
-    test_episodes, test_decisions = (2, 1) if args.quick else (config.test_episodes, 3)
-    logging.info("a test of %d episodes of %d steps, in parallel and one after another ...",
-                 test_episodes, test_decisions)
-    test_rates = bench_test(config, model, device, test_episodes, test_decisions)
+    if "update" in args.figures:
+        logging.info("update step (B=%d, L=%d) ...", config.batch_size, config.chunk_length)
+        updates = bench_update(config, model, optimizer, buffer, device, repeats)
+        for key, name in (("update", "update step"), ("sample", "  waiting for the prefetched batch"),
+                          ("forward", "  forward (loss)"), ("backward", "  backward + clip + Adam"),
+                          ("batch", "one batch: sample + transfer + preprocess")):
+            results[f"{key}_ms"] = updates[key]["median"]
+            rows.append((name, updates[key], "ms"))
+        spread.update(updates)
+    if "plan" in args.figures:
+        logging.info("CEM planning call (H=%d, I=%d, J=%d, K=%d) ...", config.horizon, config.iterations,
+                     config.candidates, config.top_candidates)
+        spread["plan"] = bench_plan(config, model, device, repeats)
+        results["plan_ms"] = spread["plan"]["median"]
+        rows.append(("CEM planning call", spread["plan"], "ms"))
+    if "env" in args.figures:
+        logging.info("environments ...")
+        spread["env"] = {task: summary([bench_env(task, 20 if args.quick else 250)
+                                        for _ in range(max(1, repeats // 2))]) for task in ENV_TASKS}
+        results["env_steps_per_s"] = {task: stats["median"] for task, stats in spread["env"].items()}
+        rows += [(f"env {task}", stats, "agent steps/s") for task, stats in spread["env"].items()]
+    if "iteration" in args.figures:
+        updates, steps = (2, 5) if args.quick else (config.collect_interval, 250)
+        logging.info("one training iteration (%d updates + an episode of %d steps) ...", updates, steps)
+        results["iteration_s"] = bench_iteration(config, model, optimizer, buffer, device, updates, steps)
+        results["iteration"] = {"updates": updates, "episode_steps": steps}
+        rows.append(("training iteration", summary([results["iteration_s"]]),
+                     f"s ({updates} updates + a {steps}-step episode)"))
+    if "test" in args.figures:
+        episodes, steps = (2, 1) if args.quick else (config.test_episodes, 3)
+        logging.info("a test of %d episodes of %d steps, in parallel and one after another ...", episodes, steps)
+        results["test_steps_per_s"] = bench_test(config, model, device, episodes, steps)
+        results["test"] = {"episodes": episodes, "steps_per_episode": steps}
+        rows += [(f"test, {mode}", summary([rate]), f"agent steps/s ({episodes} episodes of {steps} steps)")
+                 for mode, rate in results["test_steps_per_s"].items()]
+    results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rows.append(("peak host memory (RSS)", summary([results["peak_rss_mb"]]), "MB"))
+    if device.type == "cuda":
+        results["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+        rows.append(("peak GPU memory", summary([results["peak_gpu_mb"]]), "MB"))
+    results["spread"] = spread
 
-    results = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
-        f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-        "torch": torch.__version__, "quick": args.quick,
-        "update_ms": updates["update"]["median"], "sample_ms": updates["sample"]["median"],
-        "batch_ms": updates["batch"]["median"],
-        "forward_ms": updates["forward"]["median"], "backward_ms": updates["backward"]["median"],
-        "plan_ms": plan["median"],
-        "env_steps_per_s": {task: statistics.median(rates) for task, rates in env_rates.items()},
-        "iteration_s": iteration,
-        "iteration": {"updates": iteration_updates, "episode_steps": episode_steps},
-        "test_steps_per_s": test_rates,
-        "test": {"episodes": test_episodes, "steps_per_episode": test_decisions},
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
-        "spread": {**{name: value for name, value in updates.items()}, "plan": plan,
-                   "env": {task: summary(rates) for task, rates in env_rates.items()}},
-    }
-    rows = [("update step", updates["update"], "ms"), ("  waiting for the prefetched batch", updates["sample"], "ms"),
-            ("  forward (loss)", updates["forward"], "ms"), ("  backward + clip + Adam", updates["backward"], "ms"),
-            ("one batch: sample + transfer + preprocess", updates["batch"], "ms"),
-            ("CEM planning call", plan, "ms")]
-    rows += [(f"env {task} (agent steps/s)", summary(rates), "") for task, rates in env_rates.items()]
-    print(f"\n{results['device']}, torch {torch.__version__}{' (quick: not the benchmark)' if args.quick else ''}")
-    print(f"{'figure':40} {'median':>10} {'min':>10} {'max':>10} {'runs':>5}")
+    print(f"\n{results['device']}, torch {torch.__version__}"
+          f"{', compiled planner' if args.compile_planner else ''}{' (quick: not the benchmark)' if args.quick else ''}")
+    print(f"{'figure':42} {'median':>10} {'min':>10} {'max':>10} {'runs':>5}")
     for name, stats, unit in rows:
-        print(f"{name:40} {stats['median']:>10.1f} {stats['min']:>10.1f} {stats['max']:>10.1f} {stats['runs']:>5}  {unit}")
-    print(f"{'training iteration':40} {iteration:>10.1f} {'':>10} {'':>10} {1:>5}  s "
-          f"({iteration_updates} updates + {episode_steps}-step episode)")
-    for mode, rate in test_rates.items():
-        print(f"{'test, ' + mode + ' (agent steps/s)':40} {rate:>10.2f} {'':>10} {'':>10} {1:>5}  "
-              f"({test_episodes} episodes of {test_decisions} steps)")
-    print(f"{'peak host memory (RSS)':40} {results['peak_rss_mb']:>10.0f}{'':>27}  MB")
-    if results["peak_gpu_mb"] is not None:
-        print(f"{'peak GPU memory':40} {results['peak_gpu_mb']:>10.0f}{'':>27}  MB")
+        print(f"{name:42} {stats['median']:>10.1f} {stats['min']:>10.1f} {stats['max']:>10.1f} {stats['runs']:>5}  {unit}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -17,4 +17,6 @@ def test_quick_bench_writes_its_json(tmp_path):
         assert figures[key], key
     assert set(figures["env_steps_per_s"]) == {"cheetah-run", "cartpole-swingup"}
     assert all(rate > 0 for rate in figures["env_steps_per_s"].values())
-    assert figures["update_ms"] > figures["sample_ms"] > 0
+    assert figures["update_ms"] > figures["sample_ms"] > 0 and figures["batch_ms"] > 0
+    assert set(figures["test_steps_per_s"]) == {"parallel", "sequential"}
+    assert all(rate > 0 for rate in figures["test_steps_per_s"].values())
