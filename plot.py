@@ -1,0 +1,255 @@
+"""Plot learning curves and tabulate final scores: `python plot.py log/sweep [--out plots] [--episodes 1000]`.
+
+Reads any number of runs written by train.py (each argument is a run directory or a folder searched
+recursively for them) and writes, under `--out`:
+
+- `learning_curves.png`: test return against environment steps, one panel per task, the mean over
+  seeds with a band of one standard deviation, every seed as a thin line, and the paper's PlaNet and
+  D4PG scores as dashed lines;
+- `scores.md` (also printed): per task, the score after `--episodes` episodes as mean +- std over
+  seeds, where a seed's score is its last test at or before that many episodes, next to the
+  paper's PlaNet score; then every run with the episodes it reached out of its target.
+
+Runs still training or that died are included up to where they got and marked `partial`.
+"""
+import argparse
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # Files only: no display needed.
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.ticker import FuncFormatter
+
+# Table 1 of the paper: PlaNet after 1000 episodes (5 seeds x 10 test episodes) and D4PG from pixels
+# after 100,000 episodes. The order is the paper's.
+PAPER_SCORES = {
+    "cartpole-swingup": {"PlaNet": 821, "D4PG": 862},
+    "reacher-easy": {"PlaNet": 832, "D4PG": 967},
+    "cheetah-run": {"PlaNet": 662, "D4PG": 524},
+    "finger-spin": {"PlaNet": 700, "D4PG": 985},
+    "cup-catch": {"PlaNet": 930, "D4PG": 980},
+    "walker-walk": {"PlaNet": 951, "D4PG": 968},
+}
+NUMBERS = ("episodes", "env_steps", "test/return")  # The fields of metrics.jsonl that plot.py reads.
+BASELINE_STYLE = {"PlaNet": ("tab:red", "PlaNet, paper (1000 episodes)"),
+                  "D4PG": ("tab:gray", "D4PG, paper (pixels, 100k episodes)")}
+
+
+@dataclass
+class Run:
+    """What plot.py needs of one run directory."""
+
+    path: Path
+    task: str
+    seed: int
+    target: int  # The episodes the run was asked for (config.json).
+    reached: int = 0  # The episodes it has logged.
+    tests: list = field(default_factory=list)  # (episodes, env_steps, test return), in order.
+
+    @property
+    def finished(self):
+        return self.reached >= self.target
+
+    def score(self, episodes):
+        """(episodes, return) of the last test at or before `episodes`, or None."""
+        done = [(e, r) for e, _, r in self.tests if e <= episodes]
+        return done[-1] if done else None
+
+
+# --- Reading runs. Each raises ValueError with a one-line reason. ---
+
+def find_run_dirs(paths):
+    """Run directories (those holding a config.json) given directly or found under `paths`."""
+    found = {}
+    for name in paths:
+        path = Path(name)
+        if not path.is_dir():
+            raise ValueError(f"{name} is not a directory")
+        configs = [path / "config.json"] if (path / "config.json").is_file() else sorted(path.rglob("config.json"))
+        if not configs:
+            raise ValueError(f"no run directory (a folder with config.json) in {name}")
+        for config in configs:
+            found.setdefault(config.parent.resolve(), config.parent)  # A run given twice counts once.
+    return list(found.values())
+
+
+def read_metrics(path):
+    """The records of a metrics.jsonl. A torn last line (a run killed while writing) is dropped;
+    any other bad line is an error."""
+    if not path.is_file():
+        return []  # The run has not finished its first episode yet.
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"cannot read {path}: {error}") from None
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break
+            raise ValueError(f"{path} line {number} is not valid JSON") from None
+        if not (isinstance(record, dict) and {"episodes", "env_steps"} <= record.keys()
+                and all(isinstance(record.get(key, 0), (int, float)) for key in NUMBERS)):
+            raise ValueError(f"{path} line {number} is not a train.py metrics record "
+                             "(it needs numbers for episodes and env_steps)")
+        records.append(record)
+    return records
+
+
+def read_run(run_dir):
+    path = run_dir / "config.json"
+    try:
+        config = json.loads(path.read_text())
+        task, seed, target = config["task"], int(config["seed"]), int(config["episodes"])
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        raise ValueError(f"{path} is not a train.py config ({type(error).__name__}: {error})") from None
+    records = read_metrics(run_dir / "metrics.jsonl")
+    tests = [(r["episodes"], r["env_steps"], r["test/return"]) for r in records if "test/return" in r]
+    return Run(run_dir, task, seed, target, records[-1]["episodes"] if records else 0, tests)
+
+
+def group_by_task(runs):
+    """{task: its runs by seed}, the paper's tasks first in the paper's order."""
+    order = {task: i for i, task in enumerate(PAPER_SCORES)}
+    tasks = sorted({run.task for run in runs}, key=lambda task: (order.get(task, len(order)), task))
+    return {task: sorted((run for run in runs if run.task == task), key=lambda run: (run.seed, str(run.path)))
+            for task in tasks}
+
+
+# --- The figure. ---
+
+def mean_curve(runs):
+    """Mean and std of test return over runs that have tests, on the union of their test steps.
+    A run counts only between its first and last test (linear in between): a run that stopped
+    early is never extrapolated, the mean goes on with the others."""
+    steps = np.unique(np.concatenate([[s for _, s, _ in run.tests] for run in runs]))
+    values = np.full((len(runs), len(steps)), np.nan)
+    for i, run in enumerate(runs):
+        _, x, y = map(np.array, zip(*run.tests))
+        inside = (steps >= x[0]) & (steps <= x[-1])
+        values[i, inside] = np.interp(steps[inside], x, y)
+    return steps, np.nanmean(values, axis=0), np.nanstd(values, axis=0)
+
+
+def steps_label(value, _position):
+    """Tick labels as 250k, 1M, 1.5M."""
+    if abs(value) >= 1e6:
+        return f"{value / 1e6:g}M"
+    return f"{value / 1e3:g}k" if abs(value) >= 1e3 else f"{value:g}"
+
+
+def plot_task(ax, task, runs):
+    tested = [run for run in runs if run.tests]
+    if tested:
+        steps, mean, std = mean_curve(tested)
+        ax.fill_between(steps, mean - std, mean + std, color="tab:blue", alpha=0.2, linewidth=0)
+        ax.plot(steps, mean, color="tab:blue", linewidth=2,
+                label=f"this port: mean ± std of {len(tested)} seed{'s' * (len(tested) > 1)}")
+        for i, run in enumerate(tested):
+            _, x, y = zip(*run.tests)
+            ax.plot(x, y, color="tab:blue", linewidth=0.6, alpha=0.4, label="single seeds" if i == 0 else None)
+        partial = [run for run in tested if not run.finished]
+        for i, run in enumerate(partial):
+            ax.plot(run.tests[-1][1], run.tests[-1][2], "x", color="black", markersize=7,
+                    label="last test of a partial run" if i == 0 else None)
+    else:
+        ax.text(0.5, 0.5, "no test yet", transform=ax.transAxes, ha="center", va="center")
+    for method, score in PAPER_SCORES.get(task, {}).items():
+        color, label = BASELINE_STYLE[method]
+        ax.axhline(score, color=color, linestyle="--", linewidth=1.2, label=f"{label}: {score}")
+    ax.set_title(f"{task} ({len(runs)} run{'s' * (len(runs) > 1)})")
+    ax.set_xlabel("environment steps (action repeat included)")
+    ax.set_ylabel("test return (mean of noise-free episodes)")
+    ax.xaxis.set_major_formatter(FuncFormatter(steps_label))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize="small")
+
+
+def plot_curves(by_task, path):
+    columns = min(3, len(by_task))
+    rows = -(-len(by_task) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(5.5 * columns, 4.2 * rows), squeeze=False,
+                                layout="constrained")
+    for ax, (task, runs) in zip(axes.flat, by_task.items()):
+        plot_task(ax, task, runs)
+    for ax in axes.flat[len(by_task):]:
+        ax.set_visible(False)
+    figure.suptitle("PlaNet learning curves: test return against environment steps")
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+# --- The table. ---
+
+def score_row(task, runs, episodes):
+    scores = [score for run in runs if (score := run.score(episodes))]
+    returns = np.array([r for _, r in scores])
+    paper = PAPER_SCORES.get(task, {}).get("PlaNet")
+    mean = f"{returns.mean():.1f} ± {returns.std():.1f}" if scores else "-"
+    difference = f"{returns.mean() - paper:+.1f}" if scores and paper is not None else "-"
+    finished = sum(run.finished for run in runs)
+    status = [f"{finished} finished"] * bool(finished) + [
+        f"partial {run.reached}/{run.target}" for run in runs if not run.finished]
+    return [task, mean, str(len(scores)), "-" if paper is None else str(paper), difference, ", ".join(status)]
+
+
+def run_row(run, episodes):
+    score = run.score(episodes)
+    return [run.task, str(run.seed), f"{run.reached}/{run.target}", "finished" if run.finished else "partial",
+            f"{score[1]:.1f} (episode {score[0]})" if score else "-", str(run.path)]
+
+
+def markdown_table(header, rows):
+    lines = [header, ["---"] * len(header), *rows]
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
+
+
+def score_report(by_task, episodes):
+    """The Markdown of scores.md: the per-task table, then the per-run one."""
+    tasks = markdown_table(
+        ["task", f"score after {episodes} episodes", "seeds", "PlaNet (paper)", "difference", "runs"],
+        [score_row(task, runs, episodes) for task, runs in by_task.items()])
+    runs = markdown_table(["task", "seed", "episodes", "status", "score used", "run directory"],
+                          [run_row(run, episodes) for runs in by_task.values() for run in runs])
+    return (f"## Scores after {episodes} episodes\n\n"
+            "Mean ± std over seeds (std with ddof 0) of each seed's last test at or before "
+            f"{episodes} episodes; the paper's PlaNet score is the mean of 5 seeds x 10 test episodes.\n\n"
+            f"{tasks}\n\n## Runs\n\n{runs}\n")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("log_dirs", nargs="+", metavar="LOG_DIR",
+                        help="run directories, or folders searched recursively for them")
+    parser.add_argument("--out", default="plots", help="folder for learning_curves.png and scores.md")
+    parser.add_argument("--episodes", type=int, default=1000,
+                        help="score each seed by its last test at or before this many episodes "
+                             "(the paper: 1000)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.episodes < 1:
+        parser.error("--episodes must be at least 1")
+    try:
+        by_task = group_by_task([read_run(run_dir) for run_dir in find_run_dirs(args.log_dirs)])
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        report = score_report(by_task, args.episodes)
+        (out / "scores.md").write_text(report)
+        plot_curves(by_task, out / "learning_curves.png")
+    except (ValueError, OSError) as error:
+        sys.exit(f"error: {error}")
+    print(report, end="")
+    logging.info("wrote %s and %s", out / "learning_curves.png", out / "scores.md")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,404 @@
+"""Train a grid of PlaNet runs, tasks x seeds: `python sweep.py [--ray] [-- <train.py flags>]`.
+
+With no flag it runs the paper's grid, its 6 tasks x 5 seeds. Each run trains in a known directory,
+`<log-dir>/<name>/<task>/seed<k>`, so the same command run again continues the sweep: finished runs
+are skipped, the others resume from their last checkpoint (`train.py --resume`), missing ones start.
+The flags after `--` go to every train.py run (e.g. `-- --episodes 500`).
+
+- Local (the default): train.py subprocesses on this machine, `--runs-per-gpu` on each GPU (a run
+  sees only its GPU, through CUDA_VISIBLE_DEVICES), or `--local-workers` at a time without a GPU.
+- Ray (`--ray`): each run is a Ray task asking for `--gpus-per-run` GPUs (a fraction lets runs share
+  one), on the cluster at `--address` or on a Ray started here. The checkout and the log dir must
+  be at the same paths on every node (shared storage); the driver reads the runs' progress there.
+
+A run that dies (a non-zero exit, a lost Ray worker) is launched again with `--resume`, up to
+`--max-retries` times. A bar shows the runs done and the episodes reached; at the end a table gives
+each run's status, episodes, last test return, attempts and wall clock. Each run's own output goes
+to `<run dir>/train.log`. The exit status is non-zero when a run failed for good.
+"""
+import argparse
+import contextlib
+import io
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from train import Config
+from train import parse_args as parse_train_args
+from utils import read_jsonl
+from wrappers import PAPER_TASKS, parse_task
+
+TRAIN = Path(__file__).resolve().parent / "train.py"
+PAPER_SEEDS = (0, 1, 2, 3, 4)
+POLL_SECONDS = 5  # How often the progress bar re-reads the runs' metrics.
+USAGE_ERROR = 2  # train.py's exit status for a refused command line: the same command fails again.
+SET_BY_SWEEP = ("--task", "--seed", "--run-dir", "--resume")
+
+
+@dataclass
+class Run:
+    """One cell of the grid and what happened to it in this sweep."""
+
+    task: str
+    seed: int
+    path: Path
+    episodes_flag: int | None  # --episodes among the train.py flags, which overrides the run's config.
+    status: str = "pending"
+    attempts: int = 0
+    seconds: float = 0.0  # Wall clock of this sweep's attempts.
+
+    @property
+    def log(self):
+        return self.path / "train.log"
+
+    def target(self):
+        """The episodes this run trains to: --episodes if given, else its config's, else train.py's default."""
+        config = self.path / "config.json"
+        if self.episodes_flag:
+            return self.episodes_flag
+        return json.loads(config.read_text())["episodes"] if config.is_file() else Config.episodes
+
+    def progress(self):
+        """-> (episodes reached, last test return or None), from metrics.jsonl."""
+        records = read_jsonl(self.path / "metrics.jsonl")
+        tests = [record["test/return"] for record in records if "test/return" in record]
+        return (records[-1]["episodes"] if records else 0), (tests[-1] if tests else None)
+
+    def done_before(self):
+        """Whether an earlier sweep already trained this run to its target."""
+        return (self.path / "config.json").is_file() and self.progress()[0] >= self.target()
+
+    def record(self, exit_status, seconds, max_retries):
+        """Book an attempt that ended with `exit_status` (None: a Ray error, e.g. a lost worker).
+        -> whether to launch the run again."""
+        self.attempts += 1
+        self.seconds += seconds
+        if exit_status == 0:
+            self.status = "finished"
+            return False
+        self.status = f"failed ({describe_exit(exit_status)})"
+        return exit_status != USAGE_ERROR and self.attempts <= max_retries
+
+
+def describe_exit(exit_status):
+    if exit_status is None:
+        return "Ray error"
+    if exit_status < 0:
+        return f"killed by {signal.Signals(-exit_status).name}"
+    return f"exit {exit_status}"
+
+
+def train_arguments(run, extra):
+    """train.py and its flags for the run's next attempt: continue the run if it has a config."""
+    if (run.path / "config.json").is_file():
+        return [str(TRAIN), "--resume", str(run.path), *extra]
+    return [str(TRAIN), "--run-dir", str(run.path), "--task", run.task, "--seed", str(run.seed), *extra]
+
+
+def without_flag(arguments, flag):
+    """`arguments` less `flag VALUE` and `flag=VALUE`."""
+    kept, skip = [], False
+    for argument in arguments:
+        if not skip and argument != flag and not argument.startswith(flag + "="):
+            kept.append(argument)
+        skip = argument == flag
+    return kept
+
+
+def refusal(run, extra):
+    """train.py's objection to the run's next command line (a typo, a flag that differs from a
+    resumed run's config), or None. Checked before any run starts, with --device cpu: the device
+    is for the machine that trains (and may change on resume)."""
+    arguments = [*train_arguments(run, without_flag(extra, "--device"))[1:], "--device", "cpu"]
+    message = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(message):
+            parse_train_args(arguments)
+    except SystemExit:
+        return message.getvalue().strip().splitlines()[-1].split("error: ", 1)[-1]
+    return None
+
+
+def launch(arguments, log_path, env=None):
+    """Start `python train.py ...` with its output appended to `log_path`. -> the process."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a") as log:
+        log.write(f"\n$ python {' '.join(arguments)}\n")
+        log.flush()
+        # The child keeps its own copy of the file; ours closes when the `with` ends.
+        return subprocess.Popen([sys.executable, *arguments], stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=env)
+
+
+def train_to_end(arguments, log_path):
+    """One attempt as a Ray task, on whichever node Ray picks. -> (exit status, seconds)."""
+    start = time.monotonic()
+    return launch(arguments, log_path).wait(), time.monotonic() - start
+
+
+# --- Where runs train. Both launchers: has_room(), start(run, arguments) -> handle,
+# --- wait(timeout) -> [(handle, exit status, seconds)], shutdown().
+
+def visible_gpus():
+    """The ids of this machine's GPUs as CUDA_VISIBLE_DEVICES names them (it may already select some)."""
+    count = torch.cuda.device_count()
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return listed.split(",")[:count] if listed else [str(i) for i in range(count)]
+
+
+def local_slots(workers, runs_per_gpu, use_gpus):
+    """The environment additions of the runs that may train at once: `runs_per_gpu` per GPU, each
+    seeing only its GPU, or `workers` runs on the CPU (seeing no GPU)."""
+    gpus = visible_gpus() if use_gpus else []
+    devices = [gpu for gpu in gpus for _ in range(runs_per_gpu)] or [""] * workers
+    # torch uses every core by default; N runs each doing so oversubscribe the CPU. So split them.
+    threads = os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(devices))))
+    return [{"CUDA_VISIBLE_DEVICES": device, "OMP_NUM_THREADS": threads} for device in devices]
+
+
+class LocalLauncher:
+    """train.py subprocesses on this machine, one per free slot."""
+
+    def __init__(self, slots):
+        self.free = list(slots)
+        self.live = {}  # process -> (slot, start time)
+
+    def describe(self):
+        gpus = ",".join(dict.fromkeys(slot["CUDA_VISIBLE_DEVICES"] for slot in self.free))
+        return (f"local: {len(self.free)} at a time on {f'GPUs {gpus}' if gpus else 'the CPU'}, "
+                f"OMP_NUM_THREADS={self.free[0]['OMP_NUM_THREADS']}")
+
+    def has_room(self):
+        return bool(self.free)
+
+    def start(self, run, arguments):
+        slot = self.free.pop()
+        process = launch(arguments, run.log, {**os.environ, **slot})
+        self.live[process] = (slot, time.monotonic())
+        return process
+
+    def wait(self, timeout):
+        deadline = time.monotonic() + timeout
+        while not (done := [p for p in self.live if p.poll() is not None]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        results = []
+        for process in done:
+            slot, start = self.live.pop(process)
+            self.free.append(slot)
+            results.append((process, process.returncode, time.monotonic() - start))
+        return results
+
+    def shutdown(self):
+        """Stop what still runs (after Ctrl-C); a later sweep resumes it from its checkpoint."""
+        for process in self.live:
+            process.terminate()
+        for process in self.live:
+            process.wait()
+
+
+class RayLauncher:
+    """Each attempt a Ray task; Ray queues them until the cluster has the resources."""
+
+    def __init__(self, address, num_cpus, cpus_per_run, gpus_per_run):
+        import ray  # Only this mode needs Ray, and importing it takes seconds.
+        self.ray = ray
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+        if gpus_per_run is None:
+            gpus_per_run = 1.0 if ray.cluster_resources().get("GPU", 0) else 0.0
+        # Ray must not retry on its own: the same command would be refused (--run-dir of a run).
+        self.task = ray.remote(train_to_end).options(num_cpus=cpus_per_run, num_gpus=gpus_per_run,
+                                                     max_retries=0)
+        self.request = f"{cpus_per_run:g} CPU and {gpus_per_run:g} GPU per run"
+        self.pending = set()
+
+    def describe(self):
+        resources = self.ray.cluster_resources()
+        return (f"Ray cluster with {resources.get('CPU', 0):g} CPUs and {resources.get('GPU', 0):g} GPUs, "
+                f"{self.request}")
+
+    def has_room(self):
+        return True
+
+    def start(self, run, arguments):
+        ref = self.task.remote(arguments, run.log)
+        self.pending.add(ref)
+        return ref
+
+    def wait(self, timeout):
+        ready, _ = self.ray.wait(list(self.pending), num_returns=1, timeout=timeout)
+        results = []
+        for ref in ready:
+            self.pending.discard(ref)
+            try:
+                exit_status, seconds = self.ray.get(ref)
+            except self.ray.exceptions.RayError as error:  # The worker or its node died, or launch failed.
+                logging.warning("Ray: %s", str(error).strip().splitlines()[0])
+                exit_status, seconds = None, 0.0
+            results.append((ref, exit_status, seconds))
+        return results
+
+    def shutdown(self):
+        for ref in self.pending:
+            self.ray.cancel(ref, force=True)
+        self.ray.shutdown()
+
+
+# --- The sweep. ---
+
+def run_all(runs, launcher, extra, max_retries, bar):
+    """Train `runs` to the end, each relaunched with --resume when it dies, retries first in line."""
+    queue, live = deque(runs), {}
+    while queue or live:
+        while queue and launcher.has_room():
+            run = queue.popleft()
+            live[launcher.start(run, train_arguments(run, extra))] = run
+        for handle, exit_status, seconds in launcher.wait(POLL_SECONDS):
+            run = live.pop(handle)
+            if run.record(exit_status, seconds, max_retries):
+                logging.warning("%s seed %d %s; resuming it (attempt %d of %d)", run.task, run.seed,
+                                run.status, run.attempts + 1, max_retries + 1)
+                queue.appendleft(run)
+            else:
+                bar.update()
+        reached, target = sum(run.progress()[0] for run in runs), sum(run.target() for run in runs)
+        bar.set_postfix_str(f"{reached}/{target} episodes")
+
+
+def last_line(path):
+    """The last non-empty line of a log (progress bars redraw with carriage returns)."""
+    text = path.read_text(errors="replace") if path.is_file() else ""
+    lines = [line.strip() for line in text.replace("\r", "\n").splitlines() if line.strip()]
+    return lines[-1] if lines else "(no output)"
+
+
+def summary_table(runs):
+    rows = [["task", "seed", "status", "episodes", "last test return", "attempts", "wall clock"],
+            ["---"] * 7]
+    for run in runs:
+        episodes, test_return = run.progress()
+        rows.append([run.task, str(run.seed), run.status, f"{episodes}/{run.target()}",
+                     "-" if test_return is None else f"{test_return:.1f}", str(run.attempts),
+                     time.strftime("%H:%M:%S", time.gmtime(run.seconds))])
+    return "\n".join("| " + " | ".join(row) + " |" for row in rows)
+
+
+def parse_args(argv=None):
+    """-> (args, the train.py flags after `--`). Exits with a message on bad input."""
+    argv = sys.argv[1:] if argv is None else argv
+    split = argv.index("--") if "--" in argv else len(argv)
+    argv, extra = argv[:split], argv[split + 1:]
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     usage="%(prog)s [options] [-- train.py flags]")
+    parser.add_argument("--tasks", nargs="+", default=list(PAPER_TASKS),
+                        help="dm_control tasks as domain-task (default: the paper's six)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=list(PAPER_SEEDS),
+                        help="seeds of each task (default: 0 1 2 3 4)")
+    parser.add_argument("--log-dir", default="log", help="root of the sweep, on shared storage under Ray "
+                        "(default: log)")
+    parser.add_argument("--name", default="sweep",
+                        help="the sweep's folder in --log-dir; the same name continues the same sweep "
+                             "(default: sweep)")
+    parser.add_argument("--max-retries", type=int, default=2,
+                        help="times a run that dies is launched again with --resume (default: 2)")
+    local = parser.add_argument_group("local mode")
+    local.add_argument("--local-workers", type=int, default=1,
+                       help="runs at a time on a machine without a GPU, splitting the cores (default: 1)")
+    local.add_argument("--runs-per-gpu", type=int, default=1, help="runs at a time on each GPU (default: 1)")
+    ray = parser.add_argument_group("Ray mode")
+    ray.add_argument("--ray", action="store_true", help="run each training as a Ray task")
+    ray.add_argument("--address", help="address of a running Ray cluster (default: start a local Ray)")
+    ray.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all; not with --address)")
+    ray.add_argument("--cpus-per-run", type=float, default=1.0,
+                     help="CPUs Ray reserves for each run (default: 1)")
+    ray.add_argument("--gpus-per-run", type=float,
+                     help="GPUs Ray reserves for each run, a fraction to share one "
+                          "(default: 1 when the cluster has GPUs, else 0)")
+    args = parser.parse_args(argv)
+    for task in args.tasks:
+        try:
+            parse_task(task)
+        except ValueError as error:
+            parser.error(str(error))
+    args.tasks, args.seeds = list(dict.fromkeys(args.tasks)), list(dict.fromkeys(args.seeds))
+    if args.max_retries < 0 or min(args.local_workers, args.runs_per_gpu) < 1:
+        parser.error("--max-retries must be at least 0, --local-workers and --runs-per-gpu at least 1")
+    if not args.ray and any(getattr(args, name) is not None for name in ("address", "num_cpus", "gpus_per_run")):
+        parser.error("--address, --num-cpus and --gpus-per-run need --ray")
+    if args.address and args.num_cpus is not None:
+        parser.error("--num-cpus sizes a local Ray; a cluster at --address has its own")
+    set_here = [flag for flag in SET_BY_SWEEP if any(a == flag or a.startswith(flag + "=") for a in extra)]
+    if set_here:
+        parser.error(f"the sweep sets {', '.join(set_here)} of each run itself; use --tasks and --seeds")
+    return args, extra
+
+
+def train_flag(extra, name, type):
+    """The value of one train.py flag among `extra`, or None."""
+    flag = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    flag.add_argument(name, type=type)
+    return getattr(flag.parse_known_args(extra)[0], name.lstrip("-").replace("-", "_"))
+
+
+def make_launcher(args, extra):
+    if not args.ray:
+        device = train_flag(extra, "--device", str) or "auto"
+        use_gpus = device == "auto" or device.startswith("cuda")
+        return LocalLauncher(local_slots(args.local_workers, args.runs_per_gpu, use_gpus))
+    try:
+        return RayLauncher(args.address, args.num_cpus, args.cpus_per_run, args.gpus_per_run)
+    except (ConnectionError, RuntimeError, ValueError) as error:
+        sys.exit(f"error: cannot start or reach Ray: {error}")
+
+
+def main(argv=None):
+    args, extra = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)  # absl set one.
+    root = Path(args.log_dir).absolute() / args.name
+    runs = [Run(task, seed, root / task / f"seed{seed}", train_flag(extra, "--episodes", int))
+            for task in args.tasks for seed in args.seeds]
+    refused = [(run, why) for run in runs if (why := refusal(run, extra))]
+    if refused:
+        run, why = refused[0]
+        sys.exit(f"error: train.py refuses the flags of {run.task} seed {run.seed}"
+                 f"{f' and {len(refused) - 1} more runs' if len(refused) > 1 else ''}: {why}")
+    for run in runs:
+        if run.done_before():
+            run.status = "finished"
+    todo = [run for run in runs if run.status == "pending"]
+    launcher = make_launcher(args, extra)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # A scheduler's kill stops runs as Ctrl-C does.
+    logging.info("%d runs in %s, %d finished before; %s", len(runs), root, len(runs) - len(todo),
+                 launcher.describe())
+    with logging_redirect_tqdm(), tqdm(total=len(runs), initial=len(runs) - len(todo), unit="run",
+                                        dynamic_ncols=True) as bar:
+        try:
+            run_all(todo, launcher, extra, args.max_retries, bar)
+        except KeyboardInterrupt:
+            sys.exit("interrupted; run the same command again to continue the sweep")
+        finally:
+            launcher.shutdown()
+    print(summary_table(runs))
+    failed = [run for run in runs if run.status != "finished"]
+    for run in failed:
+        logging.error("%s seed %d %s: %s (see %s)", run.task, run.seed, run.status,
+                      last_line(run.log), run.log)
+    if failed:
+        sys.exit(f"error: {len(failed)} of {len(runs)} runs failed")
+
+
+if __name__ == "__main__":
+    main()

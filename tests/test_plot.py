@@ -1,0 +1,185 @@
+"""plot.py on run directories written to disk, as a user runs it: a subprocess, files in and out."""
+import json
+import statistics
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+
+from conftest import ROOT, TINY_FLAGS
+
+TARGET = 30  # Episodes each fake run was asked for; tests every 10.
+
+
+def plot(*args):
+    return subprocess.run([sys.executable, "plot.py", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+
+
+def write_run(run_dir, task, seed, reached, test_returns, target=TARGET):
+    """A run directory as train.py leaves it: config.json, and one metrics line per episode with
+    test/return on the tested episodes."""
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps(
+        {"task": task, "seed": seed, "episodes": target, "action_repeat": 8, "test_interval": 10,
+         "test_episodes": 10, "max_episode_length": 1000}, indent=2))
+    lines = []
+    for episode in range(1, reached + 1):
+        record = {"episodes": episode, "env_steps": 1000 * episode, "updates": 100 * episode,
+                  "test_episodes": 10 * (episode // 10), "train/return": float(episode), "speed/fps": 50.0}
+        if episode in test_returns:
+            record.update({"test/return": test_returns[episode], "test/return_std": 1.0})
+        lines.append(json.dumps(record))
+    (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture
+def runs(tmp_path):
+    """Two tasks: cartpole with 3 finished seeds, cheetah with a finished seed and one that died
+    after 25 episodes while writing a line. -> the root and the test returns by task and seed."""
+    rng = np.random.default_rng(0)
+    returns = {}
+    for task, seeds in (("cartpole-swingup", 3), ("cheetah-run", 2)):
+        for seed in range(seeds):
+            tested = {episode: float(rng.uniform(0, 900)) for episode in (10, 20, 30)}
+            reached = 25 if (task, seed) == ("cheetah-run", 1) else TARGET
+            tested = {e: r for e, r in tested.items() if e <= reached}
+            write_run(tmp_path / "log" / task / f"seed{seed}", task, seed, reached, tested)
+            returns[task, seed] = tested
+    with open(tmp_path / "log" / "cheetah-run" / "seed1" / "metrics.jsonl", "a") as f:
+        f.write('{"episodes": 26, "env_st')  # Killed mid-line.
+    return tmp_path / "log", returns
+
+
+def table_rows(text, first_cell):
+    """The cells of the Markdown rows whose first cell is `first_cell`."""
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in text.splitlines()
+            if line.startswith(f"| {first_cell} |")]
+
+
+def assert_valid_png(path, min_width, min_height):
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    image = cv2.imread(str(path))
+    assert image is not None
+    height, width, _ = image.shape
+    assert width >= min_width and height >= min_height
+    assert image.std() > 10, "the figure is not blank"
+
+
+@pytest.mark.parametrize("episodes", [30, 25])
+def test_table_scores_each_seed_by_its_last_test(runs, tmp_path, episodes):
+    root, returns = runs
+    out = tmp_path / "plots"
+    result = plot(root, "--out", out, "--episodes", episodes)
+    assert result.returncode == 0, result.stderr
+    assert (out / "scores.md").read_text() == result.stdout
+    assert_valid_png(out / "learning_curves.png", 800, 350)
+    paper = {"cartpole-swingup": 821, "cheetah-run": 662}
+    for task, seeds in (("cartpole-swingup", 3), ("cheetah-run", 2)):
+        scores = [returns[task, seed][max(e for e in returns[task, seed] if e <= episodes)]
+                  for seed in range(seeds)]
+        mean, std = statistics.fmean(scores), statistics.pstdev(scores)
+        (row,) = table_rows(result.stdout.split("## Runs")[0], task)
+        assert row[1] == f"{mean:.1f} ± {std:.1f}"
+        assert row[2] == str(seeds)
+        assert row[3] == str(paper[task])
+        assert float(row[4]) == pytest.approx(mean - paper[task], abs=0.051)
+    assert table_rows(result.stdout, "cartpole-swingup")[0][5] == "3 finished"
+    assert table_rows(result.stdout, "cheetah-run")[0][5] == "1 finished, partial 25/30"
+
+
+def test_partial_runs_are_marked(runs, tmp_path):
+    root, returns = runs
+    result = plot(root, "--out", tmp_path / "plots", "--episodes", 30)
+    assert result.returncode == 0, result.stderr
+    rows = {(row[0], row[1]): row for row in table_rows(result.stdout.split("## Runs")[1], "cheetah-run")}
+    assert rows["cheetah-run", "0"][2:4] == ["30/30", "finished"]
+    assert rows["cheetah-run", "1"][2:4] == ["25/30", "partial"]
+    assert rows["cheetah-run", "1"][4] == f"{returns['cheetah-run', 1][20]:.1f} (episode 20)"
+
+
+def test_run_dirs_and_roots_mix_and_count_once(runs, tmp_path):
+    root, _ = runs
+    seed0 = root / "cartpole-swingup" / "seed0"
+    result = plot(seed0, root / "cartpole-swingup", "--out", tmp_path / "plots", "--episodes", 30)
+    assert result.returncode == 0, result.stderr
+    (row,) = table_rows(result.stdout.split("## Runs")[0], "cartpole-swingup")
+    assert row[2] == "3"
+    assert not table_rows(result.stdout, "cheetah-run")
+    assert_valid_png(tmp_path / "plots" / "learning_curves.png", 400, 350)
+
+
+def test_unknown_task_has_no_paper_score(tmp_path):
+    write_run(tmp_path / "run", "acrobot-swingup", 0, 10, {10: 12.5}, target=10)
+    result = plot(tmp_path / "run", "--out", tmp_path / "plots", "--episodes", 10)
+    assert result.returncode == 0, result.stderr
+    assert table_rows(result.stdout, "acrobot-swingup")[0][1:5] == ["12.5 ± 0.0", "1", "-", "-"]
+
+
+def bad_metrics(run_dir):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    lines[1] = "not json"
+    (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def foreign_metrics(run_dir):
+    (run_dir / "metrics.jsonl").write_text('{"loss": 1.0}\n{"loss": 2.0}\n')
+
+
+def text_return(run_dir):
+    (run_dir / "metrics.jsonl").write_text('{"episodes": 10, "env_steps": 10000, "test/return": "high"}\n')
+
+
+def bad_config(run_dir):
+    (run_dir / "config.json").write_text("{ not json")
+
+
+def config_without_task(run_dir):
+    (run_dir / "config.json").write_text('{"seed": 0, "episodes": 30}')
+
+
+@pytest.mark.parametrize("damage, message", [
+    (bad_metrics, "metrics.jsonl line 2 is not valid JSON"),
+    (foreign_metrics, "metrics.jsonl line 1 is not a train.py metrics record"),
+    (text_return, "metrics.jsonl line 1 is not a train.py metrics record"),
+    (bad_config, "config.json is not a train.py config"),
+    (config_without_task, "config.json is not a train.py config"),
+])
+def test_unreadable_runs_are_refused_in_one_line(runs, tmp_path, damage, message):
+    root, _ = runs
+    damage(root / "cheetah-run" / "seed0")
+    result = plot(root, "--out", tmp_path / "plots")
+    assert result.returncode != 0
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda path: None, "error: {} is not a directory"),
+    (lambda path: path.mkdir(), "error: no run directory (a folder with config.json) in {}"),
+])
+def test_no_runs_is_refused_in_one_line(tmp_path, make, message):
+    make(tmp_path / "log")
+    result = plot(tmp_path / "log", "--out", tmp_path / "plots")
+    assert result.returncode != 0
+    assert result.stderr.strip() == message.format(tmp_path / "log")
+    assert not (tmp_path / "plots").exists()
+
+
+def test_plots_a_real_training_run(tmp_path):
+    """train.py's own files, from a tiny run of 3 episodes tested after the last."""
+    run_dir = tmp_path / "log" / "tiny"
+    tiny = [*TINY_FLAGS, "--max-episode-length", "80", "--episodes", "3", "--test-episodes", "1",
+            "--collect-interval", "2"]
+    train = subprocess.run([sys.executable, "train.py", *tiny, "--run-dir", str(run_dir)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=600)
+    assert train.returncode == 0, train.stderr
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    result = plot(tmp_path / "log", "--out", tmp_path / "plots", "--episodes", 3)
+    assert result.returncode == 0, result.stderr
+    (row,) = table_rows(result.stdout.split("## Runs")[0], "cartpole-swingup")
+    assert row[1:4] == [f"{metrics[-1]['test/return']:.1f} ± 0.0", "1", "821"]
+    assert row[5] == "1 finished"
+    assert_valid_png(tmp_path / "plots" / "learning_curves.png", 400, 350)

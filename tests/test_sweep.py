@@ -1,0 +1,160 @@
+"""sweep.py end to end: real train.py runs on the CPU, as local subprocesses and as tasks of a local Ray."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY_FLAGS
+
+# TINY_FLAGS less --task (the sweep sets it), shrunk further: 10 decisions per episode, one test
+# episode, and two seed episodes before one planner episode, tested as the last.
+TASK_AT = TINY_FLAGS.index("--task")
+TINY = [*TINY_FLAGS[:TASK_AT], *TINY_FLAGS[TASK_AT + 2:], "--max-episode-length", "80", "--action-repeat", "8",
+        "--episodes", "3", "--test-episodes", "1", "--collect-interval", "2"]
+
+
+def sweep(log_dir, *args, extra=()):
+    return subprocess.run([sys.executable, "sweep.py", "--log-dir", str(log_dir), *args, "--", *TINY, *extra],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def summary(stdout):
+    """The sweep's final table: {(task, seed): {column: cell}}."""
+    lines = [line for line in stdout.splitlines() if line.startswith("| ")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    rows = [dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")))) for line in lines[2:]]
+    return {(row["task"], int(row["seed"])): row for row in rows}
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_trained(run_dir, task, seed, episodes):
+    """The run is the asked one and logged each episode once, with the final test after the last."""
+    config = json.loads((run_dir / "config.json").read_text())
+    assert (config["task"], config["seed"], config["episodes"]) == (task, seed, episodes)
+    records = metrics(run_dir)
+    assert [r["episodes"] for r in records] == list(range(1, episodes + 1))
+    assert "test/return" in records[-1]
+    return records
+
+
+def test_ray_trains_the_grid(tmp_path):
+    result = sweep(tmp_path, "--ray", "--num-cpus", "2", "--tasks", "cartpole-swingup", "reacher-easy",
+                   "--seeds", "0", "1", "--name", "grid")
+    assert result.returncode == 0, result.stderr
+    assert "Ray cluster with 2 CPUs and 0 GPUs, 1 CPU and 0 GPU per run" in result.stderr
+    rows = summary(result.stdout)
+    assert sorted(rows) == [("cartpole-swingup", 0), ("cartpole-swingup", 1), ("reacher-easy", 0),
+                            ("reacher-easy", 1)]
+    for (task, seed), row in rows.items():
+        records = assert_trained(tmp_path / "grid" / task / f"seed{seed}", task, seed, 3)
+        assert (row["status"], row["episodes"], row["attempts"]) == ("finished", "3/3", "1")
+        assert row["last test return"] == f"{records[-1]['test/return']:.1f}"
+
+
+def train_process(run_dir):
+    """The pid of the train.py process that trains `run_dir` from its start, or None."""
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                command = f.read().decode().split("\0")
+        except (OSError, ValueError):  # Not a process, or one that just ended.
+            continue
+        if any(arg.endswith("train.py") for arg in command) and str(run_dir) in command \
+                and "--run-dir" in command:
+            return int(entry)
+    return None
+
+
+def test_ray_resubmits_a_killed_run_with_resume(tmp_path):
+    run_dir = tmp_path / "sweep" / "cartpole-swingup" / "seed0"
+    command = [sys.executable, "sweep.py", "--ray", "--num-cpus", "2", "--tasks", "cartpole-swingup",
+               "--seeds", "0", "--max-retries", "1", "--log-dir", str(tmp_path), "--", *TINY]
+    sweeper = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not ((run_dir / "checkpoint.pt").exists() and (pid := train_process(run_dir))):
+            assert sweeper.poll() is None and time.monotonic() < deadline, "the run never got a checkpoint"
+            time.sleep(0.05)
+        os.kill(pid, signal.SIGKILL)  # As an OOM killer or a lost machine would.
+        stdout, stderr = sweeper.communicate(timeout=300)
+    finally:
+        sweeper.kill()
+    assert sweeper.returncode == 0, stderr
+    assert "cartpole-swingup seed 0 failed (killed by SIGKILL); resuming it (attempt 2 of 2)" in stderr
+    row = summary(stdout)["cartpole-swingup", 0]
+    assert (row["status"], row["episodes"], row["attempts"]) == ("finished", "3/3", "2")
+    assert_trained(run_dir, "cartpole-swingup", 0, 3)
+    log = (run_dir / "train.log").read_text()
+    assert f"train.py --resume {run_dir} " in log and "resumed " in log
+
+
+def test_local_sweep_continues_where_it_stopped(tmp_path):
+    args = ("--tasks", "cartpole-swingup", "--seeds", "0", "1", "--local-workers", "2")
+    first = sweep(tmp_path, *args, extra=["--episodes", "2"])
+    assert first.returncode == 0, first.stderr
+    assert "local: 2 at a time on the CPU, OMP_NUM_THREADS=1" in first.stderr
+    assert {row["episodes"] for row in summary(first.stdout).values()} == {"2/2"}
+    # The same sweep, asked for one more episode: both runs resume and train it.
+    longer = sweep(tmp_path, *args)
+    assert longer.returncode == 0, longer.stderr
+    for row in summary(longer.stdout).values():
+        assert (row["status"], row["episodes"], row["attempts"]) == ("finished", "3/3", "1")
+    for seed in (0, 1):
+        run_dir = tmp_path / "sweep" / "cartpole-swingup" / f"seed{seed}"
+        assert_trained(run_dir, "cartpole-swingup", seed, 3)
+        assert f"train.py --resume {run_dir} " in (run_dir / "train.log").read_text()
+    # Once more: nothing left to train, so nothing starts.
+    again = sweep(tmp_path, *args)
+    assert again.returncode == 0, again.stderr
+    assert {row["attempts"] for row in summary(again.stdout).values()} == {"0"}
+    assert "2 finished before" in again.stderr
+    # A setting that differs from the runs' own config is refused before anything starts.
+    changed = sweep(tmp_path, *args, extra=["--horizon", "5"])
+    assert changed.returncode != 0 and "Traceback" not in changed.stderr
+    assert "refused: --horizon 5 (the run has 3)" in changed.stderr
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--episodez", "3"], "train.py refuses the flags of cartpole-swingup seed 0: unrecognized arguments: --episodez"),
+    (["--task", "cheetah-run"], "the sweep sets --task of each run itself"),
+])
+def test_bad_train_flags_start_nothing(tmp_path, extra, message):
+    result = sweep(tmp_path, "--tasks", "cartpole-swingup", "--seeds", "0", extra=extra)
+    assert result.returncode != 0
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_a_run_refused_by_its_machine_is_not_retried(tmp_path):
+    result = sweep(tmp_path, "--tasks", "cartpole-swingup", "--seeds", "0", "--max-retries", "2",
+                   extra=["--device", "cuda"])
+    assert result.returncode == 1
+    row = summary(result.stdout)["cartpole-swingup", 0]
+    assert (row["status"], row["episodes"], row["attempts"]) == ("failed (exit 2)", "0/3", "1")
+    assert "no CUDA GPU is available" in result.stderr
+    assert result.stderr.strip().endswith("error: 1 of 1 runs failed")
+
+
+def test_local_runs_share_each_gpu(monkeypatch):
+    """Which GPU each local run sees, with two of four GPUs selected by the user (no GPU here)."""
+    import sweep
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    slots = sweep.local_slots(workers=1, runs_per_gpu=2, use_gpus=True)
+    assert slots == [{"CUDA_VISIBLE_DEVICES": gpu, "OMP_NUM_THREADS": "4"} for gpu in ("3", "3", "5", "5")]
+    # --device cpu, or no GPU: --local-workers runs that see no GPU split the cores.
+    assert sweep.local_slots(workers=8, runs_per_gpu=2, use_gpus=False) == \
+        [{"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "2"}] * 8
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert len(sweep.local_slots(workers=3, runs_per_gpu=2, use_gpus=True)) == 3
