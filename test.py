@@ -26,7 +26,7 @@ def main(argv=None):
     parser.add_argument("--parallel", type=int, default=10, help="episodes played at the same time")
     parser.add_argument("--seed", type=int, default=None,
                         help="seed of the test episodes (default: the run's seed, whose first "
-                             "episodes are those of the run's first test)")
+                             "episodes start where those of the run's first test did)")
     parser.add_argument("--render", action="store_true", help="show the episodes in a window")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     args = parser.parse_args(argv)

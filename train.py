@@ -24,14 +24,15 @@ from tqdm import tqdm
 from agent import (Agent, compiled_rollout_returns, planner_policy, play_episode, play_episodes,
                    random_policy, rollout_returns)
 from model import WorldModel
-from utils import (BatchPrefetcher, ReplayBuffer, append_jsonl, atomic_write, episode_index,
-                   episode_paths, global_rng_state, keep_freed_memory, load_episode, open_loop_frames,
+from utils import (BatchPrefetcher, ReplayBuffer, append_jsonl, atomic_write, derive_seed,
+                   episode_index, episode_paths, global_rng_state, keep_freed_memory, load_episode, open_loop_frames,
                    pack_random_state, read_jsonl, resolve_device, save_episode, set_global_rng_state,
                    set_seed_everywhere, unpack_random_state, write_json, write_jsonl)
 from wrappers import default_action_repeat, make_env, make_parallel_envs, parse_task
 
 CHECKPOINT = "checkpoint.pt"
 TEST_SEED_OFFSET = 10_000  # Tags the stream of test-episode seeds, apart from training's.
+BATCH_NOISE_TAG = 20_000  # Tags the seed of the batches' dequantisation noise.
 POSITIVE = ("episodes", "seed_episodes", "collect_interval", "batch_size", "chunk_length",
             "max_episode_length", "buffer_capacity", "horizon", "iterations", "candidates",
             "top_candidates", "test_interval", "test_episodes", "checkpoint_interval", "belief_size",
@@ -67,7 +68,7 @@ class Config:
     candidates: int = option(1000, "action sequences per iteration (J)")
     top_candidates: int = option(100, "best sequences the belief is refit to (K)")
     compile_planner: bool = option(False, "torch.compile the planner's rollout: fused elementwise "
-                                   "ops, same plans, compiled at the first step")
+                                   "ops, the same function up to float rounding, compiled at the first step")
     # Evaluation and saving.
     test_interval: int = option(10, "episodes between noise-free tests")
     test_episodes: int = option(10, "episodes per test")
@@ -179,7 +180,8 @@ def read_checkpoint(run_dir, config, model, device):
     if not path.is_file():
         raise ValueError(f"{run_dir} has no {CHECKPOINT} yet")
     try:
-        checkpoint = torch.load(path, map_location=device, weights_only=True)
+        # On the CPU: generator states must be CPU tensors; load_state_dict moves the rest.
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # A truncated or foreign file fails in many ways.
         raise ValueError(f"{path} is unreadable ({type(error).__name__}); "
                          "it is not a checkpoint written by train.py") from None
@@ -255,8 +257,7 @@ def train_model(model, optimizer, buffer, config, device, generator, first_updat
 def test_seeds(seed, first_index, count):
     """Env seeds of the test episodes `first_index ...`: one per episode, so that a test does not
     depend on the tests before it, and apart from the training env's seed (the run's seed)."""
-    return [int(np.random.SeedSequence([seed, TEST_SEED_OFFSET, first_index + i]).generate_state(1)[0])
-            for i in range(count)]
+    return [derive_seed(seed, TEST_SEED_OFFSET, first_index + i) for i in range(count)]
 
 
 def test(model, envs, config, first_index, run_dir):
@@ -309,7 +310,8 @@ class Workspace:
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.learning_rate,
                                           eps=config.adam_epsilon)
         self.buffer = ReplayBuffer(config.chunk_length, config.buffer_capacity, seed=config.seed)
-        self.batch_noise = torch.Generator(self.device).manual_seed(config.seed)  # Dequantisation.
+        # The batches' dequantisation noise: a stream of its own, apart from torch's global one.
+        self.batch_noise = torch.Generator(self.device).manual_seed(derive_seed(config.seed, BATCH_NOISE_TAG))
         self.agent = Agent(self.model, config.planner, config.bit_depth)
         self.counters = {"episodes": 0, "env_steps": 0, "updates": 0, "test_episodes": 0}
         if resume:
@@ -329,7 +331,7 @@ class Workspace:
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "rng": {**global_rng_state(), "actions": self.rng.bit_generator.state,
                     "replay": self.buffer.rng.bit_generator.state,
-                    "batch_noise": self.batch_noise.get_state(),
+                    "batch_noise": self.batch_noise.get_state(), "device": self.device.type,
                     "env": pack_random_state(self.env.get_rng_state())},
         }
         data = io.BytesIO()
@@ -358,7 +360,12 @@ class Workspace:
         set_global_rng_state(rng)
         self.rng.bit_generator.state = rng["actions"]
         self.buffer.rng.bit_generator.state = rng["replay"]
-        self.batch_noise.set_state(rng["batch_noise"])
+        if rng.get("device") == self.device.type:
+            self.batch_noise.set_state(rng["batch_noise"])
+        else:  # Resumed on another kind of device, whose generators have another state.
+            self.batch_noise.manual_seed(derive_seed(self.config.seed, BATCH_NOISE_TAG, self.counters["updates"]))
+            logging.warning("reseeded the batch noise: the checkpoint has no state for a %s generator",
+                            self.device.type)
         self.env.set_rng_state(unpack_random_state(rng["env"]))
         logging.info("resumed %s after %d episodes, %d env steps, %d updates; %d steps in replay",
                      self.run_dir, self.counters["episodes"], self.counters["env_steps"],
@@ -417,12 +424,12 @@ class Workspace:
             progress.set_postfix({name.split("/")[0]: round(metrics[name], 1)
                                   for name in ("train/return", "test/return") if name in metrics})
         progress.close()
-        self.close()
 
     def close(self):
         self.writer.close()
         if self.test_envs is not None:
             self.test_envs.close()
+            self.test_envs = None
 
     def log(self, metrics):
         for name, value in metrics.items():
@@ -453,6 +460,8 @@ def main(argv=None):
         sys.exit(f"error: {error}")
     except KeyboardInterrupt:
         sys.exit(f"interrupted; continue with: python train.py --resume {run_dir}")
+    finally:
+        workspace.close()
     logging.info("done: %s", run_dir)
 
 

@@ -136,8 +136,7 @@ class BatchPrefetcher:
     def __init__(self, buffer, batch_size, count, device, bit_depth=5, generator=None, depth=2):
         self.buffer, self.batch_size, self.count = buffer, batch_size, count
         self.device, self.bit_depth, self.generator = torch.device(device), bit_depth, generator
-        self._queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
+        self.depth = depth
 
     def batch(self):
         """One batch, made in the calling thread."""
@@ -149,9 +148,9 @@ class BatchPrefetcher:
         return preprocess_observation(obs, self.bit_depth, self.generator), actions, rewards
 
     def _produce(self):
-        # On a GPU the copies and preprocessing run on a side stream that the consumer waits on.
-        stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         try:
+            # On a GPU the copies and preprocessing run on a side stream that the consumer waits on.
+            stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
             with torch.cuda.stream(stream) if stream else contextlib.nullcontext():
                 for _ in range(self.count):
                     batch = self.batch()
@@ -171,6 +170,7 @@ class BatchPrefetcher:
         return False
 
     def __iter__(self):
+        self._queue, self._stop = queue.Queue(maxsize=self.depth), threading.Event()
         thread = threading.Thread(target=self._produce, name="batch-prefetcher", daemon=True)
         thread.start()
         try:
@@ -219,6 +219,12 @@ def keep_freed_memory():
     libc.mallopt(-1, 1 << 31)  # M_TRIM_THRESHOLD: ... which is not trimmed below 2 GiB free.
 
 
+def derive_seed(*keys):
+    """A 32-bit seed for the stream named by `keys`, e.g. (run seed, tag, index): streams with
+    different keys are independent (numpy's SeedSequence)."""
+    return int(np.random.SeedSequence(keys).generate_state(1)[0])
+
+
 def set_seed_everywhere(seed):
     random.seed(seed)
     np.random.seed(seed)
@@ -248,7 +254,7 @@ def set_global_rng_state(state):
     np.random.set_state(unpack_random_state(state["numpy"]))
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
 
 
 def resolve_device(name):

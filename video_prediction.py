@@ -55,7 +55,7 @@ def main(argv=None):
                         help="an episode .npz to use instead of playing a new one with the planner")
     parser.add_argument("--seed", type=int, default=None,
                         help="seed of the test episode (default: the run's seed, whose first "
-                             "episode is that of the run's first test)")
+                             "episode starts where that of the run's first test did)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)  # absl set one.

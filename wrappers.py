@@ -59,9 +59,8 @@ class DMCEnv(gym.Env):
         self.max_episode_length = max_episode_length
         self.size = size
         self._env = suite.load(domain, task_name, task_kwargs={"random": seed})
-        # One camera for the whole life of the env: `physics.render` builds a new one, with its
-        # scene buffers, for every frame, which costs a tenth of a 64x64 step.
-        self._camera = Camera(self._env.physics, size, size, camera_id=2 if domain == "quadruped" else 0)
+        self._camera_id = 2 if domain == "quadruped" else 0
+        self._camera = None  # Made at the first frame, with the render context.
         spec = self._env.action_spec()
         self._action_low, self._action_high = spec.minimum, spec.maximum
         self.action_space = gym.spaces.Box(spec.minimum.astype(np.float32), spec.maximum.astype(np.float32),
@@ -80,6 +79,10 @@ class DMCEnv(gym.Env):
 
     def _observation(self):
         """Render once, `(3, size, size)` uint8."""
+        if self._camera is None:
+            # One camera for the whole life of the env: `physics.render` builds a new one, with
+            # its scene buffers, for every frame, which costs a tenth of a 64x64 step.
+            self._camera = Camera(self._env.physics, self.size, self.size, self._camera_id)
         image = self._camera.render()
         return np.ascontiguousarray(image.transpose(2, 0, 1))
 
@@ -115,7 +118,7 @@ class DMCEnv(gym.Env):
         return self._observation().transpose(1, 2, 0)
 
     def close(self):
-        del self._camera  # Before the physics whose render context it uses.
+        self._camera = None  # Before the physics whose render context it uses.
         self._env.close()
 
 

@@ -1,4 +1,6 @@
 """Bit-depth processing, episode files and the replay buffer."""
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -76,6 +78,18 @@ def test_prefetched_batches_are_those_of_sampling_in_the_loop():
             torch.testing.assert_close(x, y, rtol=0, atol=0)
     assert buffer.rng.integers(1 << 30) == expected_buffer.rng.integers(1 << 30)
     assert torch.equal(generator.get_state(), expected_generator.get_state())
+
+
+def test_prefetcher_stops_early_and_runs_again():
+    """A loop that breaks off leaves no thread behind; iterating again gives `count` batches."""
+    buffer = ReplayBuffer(chunk_length=4, seed=0)
+    buffer.add(make_episode(0, 12))
+    batches = BatchPrefetcher(buffer, 2, count=6, device="cpu")
+    for i, _ in enumerate(batches):
+        if i == 1:
+            break
+    assert len(list(batches)) == 6
+    assert not [t for t in threading.enumerate() if t.name == "batch-prefetcher"]
 
 
 def test_prefetcher_raises_the_threads_error_in_the_loop():
