@@ -25,9 +25,10 @@ from agent import (Agent, compiled_rollout_returns, planner_policy, play_episode
                    random_policy, rollout_returns)
 from model import WorldModel
 from utils import (BatchPrefetcher, ReplayBuffer, append_jsonl, atomic_write, derive_seed,
-                   episode_index, episode_paths, global_rng_state, keep_freed_memory, load_episode, open_loop_frames,
-                   pack_random_state, read_jsonl, resolve_device, save_episode, set_global_rng_state,
-                   set_seed_everywhere, unpack_random_state, write_json, write_jsonl)
+                   episode_index, episode_paths, global_rng_state, keep_freed_memory, load_episode,
+                   open_loop_frames, pack_random_state, read_jsonl, resolve_device, save_episode,
+                   set_global_rng_state, set_seed_everywhere, unpack_random_state, write_json,
+                   write_jsonl)
 from wrappers import default_action_repeat, make_env, make_parallel_envs, parse_task
 
 CHECKPOINT = "checkpoint.pt"
@@ -37,7 +38,8 @@ POSITIVE = ("episodes", "seed_episodes", "collect_interval", "batch_size", "chun
             "max_episode_length", "buffer_capacity", "horizon", "iterations", "candidates",
             "top_candidates", "test_interval", "test_episodes", "checkpoint_interval", "belief_size",
             "state_size", "hidden_size", "reward_hidden_size", "cnn_depth", "bit_depth")
-RESUME_MAY_CHANGE = ("episodes", "device", "nan_policy", "compile_planner")  # Every other setting stays the run's own.
+# Every other setting stays the run's own on --resume.
+RESUME_MAY_CHANGE = ("episodes", "device", "nan_policy", "compile_planner")
 
 
 def option(default, help):
