@@ -4,7 +4,7 @@ import functools
 
 import numpy as np
 import torch
-import torch._inductor.config
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 from model import features
 from utils import preprocess_observation
@@ -25,13 +25,37 @@ def rollout_returns(rssm, reward_model, actions, belief, state):
     return returns
 
 
+class BiasAfterMatmul(CustomGraphPass):
+    """Inductor pass for CPU graphs: `addmm(bias, x, w)` -> `mm(x, w) + bias`, the same function.
+
+    On a CPU, addmm copies the bias into its output and then accumulates the GEMM onto it: an
+    extra pass over every `(N, out)` activation. As a separate add, the bias joins the fused
+    kernel of the activation that follows. Inductor does this rewrite itself on GPUs only.
+    """
+
+    def __call__(self, graph):
+        for addmm in graph.find_nodes(op="call_function", target=torch.ops.aten.addmm.default):
+            if addmm.kwargs or addmm.meta["val"].device.type != "cpu":  # Keep beta/alpha != 1.
+                continue
+            bias, x, w = addmm.args
+            with graph.inserting_before(addmm):
+                product = graph.call_function(torch.ops.aten.mm.default, (x, w))
+                output = graph.call_function(torch.ops.aten.add.Tensor, (product, bias))
+            product.meta["val"] = output.meta["val"] = addmm.meta["val"]
+            addmm.replace_all_uses_with(output)
+            graph.erase_node(addmm)
+
+    def uuid(self):
+        return get_hash_for_files((__file__,))
+
+
 @functools.cache
 def compiled_rollout_returns():
     """`rollout_returns` through `torch.compile`, which fuses the elementwise ops of each step.
     It compiles at the first call for each batch shape (about a minute on a CPU). Random draws
     stay eager PyTorch's (`fallback_random`), so a seed gives the plan of the uncompiled rollout."""
-    torch._inductor.config.fallback_random = True
-    return torch.compile(rollout_returns, dynamic=False)
+    return torch.compile(rollout_returns, dynamic=False, options={
+        "fallback_random": True, "post_grad_custom_post_pass": BiasAfterMatmul()})
 
 
 @torch.no_grad()

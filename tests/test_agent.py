@@ -4,9 +4,11 @@ import contextlib
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.fx.experimental.proxy_tensor import make_fx
 
-from agent import (Agent, cem_plan, compiled_rollout_returns, planner_policy, play_episode,
-                   play_episodes, rollout_returns)
+from agent import (Agent, BiasAfterMatmul, cem_plan, compiled_rollout_returns, planner_policy,
+                   play_episode, play_episodes, rollout_returns)
 from conftest import TINY_MODEL
 from model import WorldModel, features
 from wrappers import make_env, make_parallel_envs
@@ -145,3 +147,21 @@ def test_compiled_rollout_is_the_same_function(tiny_model):
                                                iterations=3, candidates=32, top_candidates=4, rollout=rollout)
     torch.testing.assert_close(returns["compiled"], returns["eager"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(returns["compiled plan"], returns["eager plan"], rtol=1e-4, atol=1e-4)
+
+
+def test_bias_after_matmul_rewrites_addmm_only():
+    """The compiler pass turns each plain addmm into mm + add and leaves the function unchanged."""
+    weight, bias = torch.randn(5, 3), torch.randn(5)
+
+    def layers(x):
+        return torch.relu(F.linear(x, weight, bias)), torch.addmm(bias, x, weight.t(), beta=0.5)
+
+    x = torch.randn(4, 3)
+    graph_module = make_fx(layers)(x)
+    BiasAfterMatmul()(graph_module.graph)
+    graph_module.recompile()
+    targets = [node.target for node in graph_module.graph.nodes]
+    assert targets.count(torch.ops.aten.addmm.default) == 1  # The one with beta = 0.5 stays.
+    assert targets.count(torch.ops.aten.mm.default) == 1
+    for result, expected in zip(graph_module(x), layers(x)):
+        torch.testing.assert_close(result, expected)
