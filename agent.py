@@ -35,7 +35,8 @@ class BiasAfterMatmul(CustomGraphPass):
 
     def __call__(self, graph):
         for addmm in graph.find_nodes(op="call_function", target=torch.ops.aten.addmm.default):
-            if addmm.kwargs or addmm.meta["val"].device.type != "cpu":  # Keep beta/alpha != 1.
+            scaled = len(addmm.args) > 3 or addmm.kwargs  # beta or alpha given: keep it.
+            if scaled or addmm.meta["val"].device.type != "cpu":
                 continue
             bias, x, w = addmm.args
             with graph.inserting_before(addmm):
