@@ -186,6 +186,23 @@ def play_episodes(envs, agent, seeds, on_frames=None):
              "reward": np.array(e["reward"], dtype=np.float32)} for e in episodes]
 
 
+class RandomAgent:
+    """Uniform random actions in [-1, 1] for B envs, with the interface of `Agent`: the level that a
+    trained planner must beat, played on the same episodes by `play_episodes`."""
+
+    def __init__(self, action_size, rng, batch_size=1):
+        self.action_size, self.rng, self.batch_size = action_size, rng, batch_size
+
+    def reset(self):
+        pass
+
+    def observe(self, obs, action):
+        pass
+
+    def act(self, action_noise=0.0):
+        return self.rng.uniform(-1, 1, (self.batch_size, self.action_size)).astype(np.float32)
+
+
 def random_policy(action_size, rng):
     """Uniform random actions in [-1, 1], for the seed episodes."""
     return lambda obs, previous_action: rng.uniform(-1, 1, action_size).astype(np.float32)

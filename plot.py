@@ -4,11 +4,11 @@ Reads any number of runs written by train.py (each argument is a run directory o
 recursively for them) and writes, under `--out`:
 
 - `learning_curves.png`: test return against environment steps, one panel per task, the mean over
-  seeds with a band of one standard deviation, every seed as a thin line, and the paper's PlaNet and
-  D4PG scores as dashed lines;
+  seeds with a band of one standard deviation, every seed as a thin line, the paper's PlaNet and
+  D4PG scores as dashed lines, and the return of random actions (the seed episodes) as a dotted one;
 - `scores.md` (also printed): per task, the score after `--episodes` episodes as mean +- std over
   seeds, where a seed's score is its last test at or before that many episodes, next to the
-  paper's PlaNet score; then every run with the episodes it reached out of its target.
+  paper's PlaNet score and the random actions' return; then every run with the episodes it reached out of its target.
 
 Runs still training or that died are included up to where they got and marked `partial`.
 """
@@ -51,6 +51,7 @@ class Run:
     target: int  # The episodes the run was asked for (config.json).
     reached: int = 0  # The episodes it has logged.
     tests: list = field(default_factory=list)  # (episodes, env_steps, test return), in order.
+    random_returns: list = field(default_factory=list)  # Of the seed episodes: uniform random actions.
 
     @property
     def finished(self):
@@ -109,11 +110,19 @@ def read_run(run_dir):
     try:
         config = json.loads(path.read_text())
         task, seed, target = config["task"], int(config["seed"]), int(config["episodes"])
+        seed_episodes = int(config.get("seed_episodes", 5))
     except (OSError, ValueError, TypeError, KeyError) as error:
         raise ValueError(f"{path} is not a train.py config ({type(error).__name__}: {error})") from None
     records = read_metrics(run_dir / "metrics.jsonl")
     tests = [(r["episodes"], r["env_steps"], r["test/return"]) for r in records if "test/return" in r]
-    return Run(run_dir, task, seed, target, records[-1]["episodes"] if records else 0, tests)
+    random_returns = [r["train/return"] for r in records if r["episodes"] <= seed_episodes and "train/return" in r]
+    return Run(run_dir, task, seed, target, records[-1]["episodes"] if records else 0, tests, random_returns)
+
+
+def random_level(runs):
+    """Mean return of the runs' seed episodes (uniform random actions), or None."""
+    returns = [r for run in runs for r in run.random_returns]
+    return float(np.mean(returns)) if returns else None
 
 
 def group_by_task(runs):
@@ -165,6 +174,9 @@ def plot_task(ax, task, runs):
     for method, score in PAPER_SCORES.get(task, {}).items():
         color, label = BASELINE_STYLE[method]
         ax.axhline(score, color=color, linestyle="--", linewidth=1.2, label=f"{label}: {score}")
+    if (level := random_level(runs)) is not None:
+        ax.axhline(level, color="black", linestyle=":", linewidth=1.2,
+                   label=f"random actions (seed episodes): {level:.0f}")
     ax.set_title(f"{task} ({len(runs)} run{'s' * (len(runs) > 1)})")
     ax.set_xlabel("environment steps (action repeat included)")
     ax.set_ylabel("test return (mean of noise-free episodes)")
@@ -198,7 +210,9 @@ def score_row(task, runs, episodes):
     finished = sum(run.finished for run in runs)
     status = [f"{finished} finished"] * bool(finished) + [
         f"partial {run.reached}/{run.target}" for run in runs if not run.finished]
-    return [task, mean, str(len(scores)), "-" if paper is None else str(paper), difference, ", ".join(status)]
+    random = random_level(runs)
+    return [task, mean, str(len(scores)), "-" if paper is None else str(paper), difference, ", ".join(status),
+            "-" if random is None else f"{random:.1f}"]
 
 
 def run_row(run, episodes):
@@ -215,13 +229,15 @@ def markdown_table(header, rows):
 def score_report(by_task, episodes):
     """The Markdown of scores.md: the per-task table, then the per-run one."""
     tasks = markdown_table(
-        ["task", f"score after {episodes} episodes", "seeds", "PlaNet (paper)", "difference", "runs"],
+        ["task", f"score after {episodes} episodes", "seeds", "PlaNet (paper)", "difference", "runs",
+         "random actions"],
         [score_row(task, runs, episodes) for task, runs in by_task.items()])
     runs = markdown_table(["task", "seed", "episodes", "status", "score used", "run directory"],
                           [run_row(run, episodes) for runs in by_task.values() for run in runs])
     return (f"## Scores after {episodes} episodes\n\n"
             "Mean ± std over seeds (std with ddof 0) of each seed's last test at or before "
-            f"{episodes} episodes; the paper's PlaNet score is the mean of 5 seeds x 10 test episodes.\n\n"
+            f"{episodes} episodes; the paper's PlaNet score is the mean of 5 seeds x 10 test episodes; "
+            "random actions is the mean return of the runs' seed episodes.\n\n"
             f"{tasks}\n\n## Runs\n\n{runs}\n")
 
 

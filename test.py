@@ -2,7 +2,8 @@
 
 Plays noise-free episodes with the CEM planner, using the run's config and latest checkpoint.
 Up to `--parallel` episodes run together: one env per worker process, and one batched CEM call
-for all of their beliefs at every step.
+for all of their beliefs at every step. `--random` plays uniform random actions on the same
+episodes instead: the baseline that the planner's returns are compared with.
 """
 import argparse
 import contextlib
@@ -12,8 +13,8 @@ import sys
 import numpy as np
 import torch
 
-from agent import Agent, play_episodes
-from train import load_run, test_seeds
+from agent import Agent, RandomAgent, play_episodes
+from train import load_run, read_config, test_seeds
 from utils import keep_freed_memory, resolve_device, set_seed_everywhere
 from wrappers import make_parallel_envs
 
@@ -27,6 +28,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=None,
                         help="seed of the test episodes (default: the run's seed, whose first "
                              "episodes start where those of the run's first test did)")
+    parser.add_argument("--random", action="store_true",
+                        help="uniform random actions instead of the planner, on the same episodes")
     parser.add_argument("--render", action="store_true", help="show the episodes in a window")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     args = parser.parse_args(argv)
@@ -36,7 +39,10 @@ def main(argv=None):
     keep_freed_memory()
     try:
         device = resolve_device(args.device)
-        config, model, checkpoint = load_run(args.run_dir, device)
+        if args.random:  # Needs the run's config only, not its model.
+            config, model, checkpoint = read_config(args.run_dir), None, None
+        else:
+            config, model, checkpoint = load_run(args.run_dir, device)
     except ValueError as error:
         sys.exit(f"error: {error}")
     seed = config.seed if args.seed is None else args.seed
@@ -48,14 +54,20 @@ def main(argv=None):
             on_frames = ImageViewer(f"PlaNet {config.task}").show
         except RuntimeError as error:
             sys.exit(f"error: {error}")
-    logging.info("%s after %d episodes (%d env steps), %d test episodes, seed %d",
-                 config.task, checkpoint["counters"]["episodes"], checkpoint["counters"]["env_steps"],
-                 args.episodes, seed)
+    if args.random:
+        logging.info("%s with uniform random actions, %d test episodes, seed %d", config.task, args.episodes, seed)
+    else:
+        logging.info("%s after %d episodes (%d env steps), %d test episodes, seed %d",
+                     config.task, checkpoint["counters"]["episodes"], checkpoint["counters"]["env_steps"],
+                     args.episodes, seed)
     parallel = min(args.parallel, args.episodes)
     returns = []
     with contextlib.closing(make_parallel_envs(config.task, parallel, config.action_repeat,
                                                config.max_episode_length)) as envs:
-        agent = Agent(model, config.planner, config.bit_depth, batch_size=parallel)
+        if args.random:
+            agent = RandomAgent(envs.single_action_space.shape[0], np.random.default_rng(seed), parallel)
+        else:
+            agent = Agent(model, config.planner, config.bit_depth, batch_size=parallel)
         for first in range(0, args.episodes, parallel):
             # The last round may need fewer episodes; its spare envs play and are left out.
             episodes = play_episodes(envs, agent, test_seeds(seed, first, parallel), on_frames)

@@ -26,8 +26,8 @@ from agent import (Agent, compiled_rollout_returns, planner_policy, play_episode
 from model import WorldModel
 from utils import (BatchPrefetcher, ReplayBuffer, append_jsonl, atomic_write, derive_seed,
                    episode_index, episode_paths, global_rng_state, keep_freed_memory, load_episode,
-                   open_loop_frames, pack_random_state, read_jsonl, resolve_device, save_episode,
-                   set_global_rng_state, set_seed_everywhere, unpack_random_state, write_json,
+                   open_loop_errors, open_loop_frames, pack_random_state, read_jsonl, resolve_device,
+                   save_episode, set_global_rng_state, set_seed_everywhere, unpack_random_state, write_json,
                    write_jsonl)
 from wrappers import default_action_repeat, make_env, make_parallel_envs, parse_task
 
@@ -94,12 +94,42 @@ class Config:
     grad_clip_norm: float = option(1000.0, "global gradient norm clip")
     nan_policy: str = option("stop", "on a non-finite loss or gradient: stop (keeping the last "
                              "checkpoint) or skip that update")
+    preset: str = option("", "a named set of defaults from PRESETS, e.g. small (flags given with it win)")
 
     @property
     def planner(self):
         return {"horizon": self.horizon, "iterations": self.iterations,
                 "candidates": self.candidates, "top_candidates": self.top_candidates,
                 "rollout": compiled_rollout_returns() if self.compile_planner else rollout_returns}
+
+
+# Smaller settings for a machine without a GPU. Each keeps the paper's method (the same model
+# family, loss and CEM planner) and shrinks only what costs time. `small` shows cartpole-swingup
+# learning in about an hour on 2 CPU cores; README "Results" gives the measurements behind it.
+PRESETS = {
+    "small": {
+        "batch_size": 16,  # B x L = 800 frames per update instead of 2500.
+        "collect_interval": 50,  # C: updates per collected episode.
+        "candidates": 200, "top_candidates": 20, "iterations": 5,  # J, K, I; the horizon stays 12.
+        "test_interval": 5, "test_episodes": 5,
+        "cnn_depth": 16,  # Encoder/decoder channels 16..128: an update is 2.6x faster on a CPU.
+        "episodes": 35,
+    },
+}
+
+
+def apply_preset(given):
+    """The flags given, on top of the defaults of `--preset NAME` if there is one, which it logs.
+    Raises ValueError for an unknown preset."""
+    name = given.get("preset", "")
+    if not name:
+        return given
+    if name not in PRESETS:
+        raise ValueError(f"unknown --preset {name!r}; known presets: {', '.join(PRESETS)}")
+    overridden = sorted(set(PRESETS[name]) & set(given))
+    logging.info("preset %s: %s%s", name, ", ".join(f"{key}={value}" for key, value in PRESETS[name].items()),
+                 f" (overridden by flags: {', '.join(overridden)})" if overridden else "")
+    return {**PRESETS[name], **given}
 
 
 def parse_args(argv=None):
@@ -136,7 +166,10 @@ def parse_args(argv=None):
             parser.error("a resumed run keeps its config; refused: " + ", ".join(conflicts))
         config = dataclasses.replace(saved, **given)
     else:
-        config = Config(**given)
+        try:
+            config = Config(**apply_preset(given))
+        except ValueError as error:
+            parser.error(str(error))
     try:
         parse_task(config.task)
         resolve_device(config.device)
@@ -264,18 +297,23 @@ def test_seeds(seed, first_index, count):
 
 def test(model, envs, config, first_index, run_dir):
     """Noise-free planner episodes in the parallel `envs`, one each, saved from `first_index` on.
-    Returns the metrics and a strip of ground truth (top) over open-loop prediction (bottom) for
+    Returns the metrics (returns and the model's open-loop errors, see `open_loop_errors`) and a
+    strip of ground truth (top) over open-loop prediction (bottom) for
     the first episode."""
     agent = Agent(model, config.planner, config.bit_depth, batch_size=envs.num_envs)
     episodes = play_episodes(envs, agent, test_seeds(config.seed, first_index, envs.num_envs))
     for i, episode in enumerate(episodes):
         save_episode(Path(run_dir) / "episodes" / "test", first_index + i, episode)
     returns = np.array([episode["reward"].sum() for episode in episodes])
+    metrics = {"test/return": float(returns.mean()), "test/return_std": float(returns.std())}
+    # Whether the model can plan yet: open-loop predictions over the planner's horizon.
+    errors = open_loop_errors(model, episodes, config.horizon, bit_depth=config.bit_depth)
+    metrics.update({f"test/{name}": value for name, value in errors.items()})
     truth, prediction = open_loop_frames(model, episodes[0], context=5, length=50,
                                          bit_depth=config.bit_depth)
     strip = np.concatenate([np.concatenate(list(frames[::5]), axis=2) for frames in (truth, prediction)],
                            axis=1)
-    return {"test/return": float(returns.mean()), "test/return_std": float(returns.std())}, strip
+    return metrics, strip
 
 
 def make_run_dir(config):

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from model import features
+
 
 # --- Bit-depth reduction (PlaNet Appendix A: 5-bit images with uniform dequantisation noise). ---
 
@@ -199,6 +201,45 @@ def open_loop_frames(model, episode, context=5, length=50, bit_depth=5):
     actions = torch.as_tensor(episode["action"][:length, None], device=device)
     prediction = model.predict_open_loop(preprocess_observation(obs, bit_depth), actions, context)
     return episode["obs"][:length], postprocess_observation(prediction[:, 0], bit_depth).cpu().numpy()
+
+
+@torch.no_grad()
+def open_loop_errors(model, episodes, horizon=12, stride=4, bit_depth=5):
+    """How well the model predicts what the planner needs: rewards and images `horizon` steps ahead.
+
+    Each episode is filtered with posteriors; from every `stride`-th step t the prior then predicts
+    t+1 .. t+horizon open loop from the executed actions, as the planner's rollouts do. Returns
+    mean squared errors over all those predictions:
+    `reward_mse_open_loop`: the reward model on the open-loop states;
+    `reward_mse_posterior`: the reward model on the posterior states of the same steps (closed loop);
+    `reward_mse_constant`: always predicting the mean of those rewards (their variance), the level a
+    reward model must beat before planning can use it;
+    `image_mse_open_loop`: per pixel, the decoded open-loop mean against the preprocessed frame.
+    """
+    device = next(model.parameters()).device
+    totals = {"reward_mse_open_loop": 0.0, "reward_mse_posterior": 0.0, "image_mse_open_loop": 0.0}
+    targets = []
+    for episode in episodes:
+        obs = preprocess_observation(torch.as_tensor(episode["obs"][:, None], device=device), bit_depth)
+        actions = torch.as_tensor(episode["action"][:, None], device=device)
+        rewards = torch.as_tensor(episode["reward"], device=device)
+        beliefs, _, posteriors = model.rssm.observe(model.encoder(obs), actions,
+                                                    *model.rssm.initial(1, device))
+        starts = torch.arange(0, len(rewards) - horizon, stride, device=device)
+        ahead = starts + torch.arange(1, horizon + 1, device=device)[:, None]  # (horizon, N)
+        imagined_beliefs, imagined_states = model.rssm.imagine(actions[ahead, 0], beliefs[starts, 0],
+                                                               posteriors.sample[starts, 0])
+        imagined = features(imagined_beliefs, imagined_states)
+        posterior = features(beliefs[ahead, 0], posteriors.sample[ahead, 0])
+        target = rewards[ahead]
+        totals["reward_mse_open_loop"] += (model.reward_model(imagined) - target).square().sum().item()
+        totals["reward_mse_posterior"] += (model.reward_model(posterior) - target).square().sum().item()
+        totals["image_mse_open_loop"] += (model.observation_model(imagined) - obs[ahead, 0]).square().mean((-3, -2, -1)).sum().item()
+        targets.append(target.flatten())
+    targets = torch.cat(targets)
+    errors = {name: total / len(targets) for name, total in totals.items()}
+    errors["reward_mse_constant"] = targets.var(unbiased=False).item()
+    return errors
 
 
 # --- Small helpers. ---

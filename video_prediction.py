@@ -2,7 +2,7 @@
 
 Plays one noise-free episode with the planner, lets the model observe the first `--context`
 frames, then predicts the following frames open loop from the executed actions. Writes an MP4 of
-ground truth | prediction | difference.
+ground truth | prediction | difference, or with `--gif` an animated GIF (for a README).
 """
 import argparse
 import logging
@@ -12,6 +12,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+from PIL import Image
 
 from agent import Agent, planner_policy, play_episode
 from train import load_run, test_seeds
@@ -30,25 +31,40 @@ def panel(frame, label):
     return image
 
 
-def write_video(path, truth, prediction, context, fps=10):
-    """Frames `(T, 3, 64, 64)` uint8 -> MP4 of ground truth | prediction | difference."""
+def video_frames(truth, prediction, context):
+    """Frames `(T, 3, 64, 64)` uint8 -> BGR images of ground truth | prediction | difference."""
     difference = np.abs(truth.astype(np.int16) - prediction.astype(np.int16)).astype(np.uint8)
-    height, width = 64 * SCALE, 3 * 64 * SCALE
+    for t in range(len(truth)):
+        mode = "observed" if t < context else "open loop"
+        yield np.concatenate([panel(truth[t], f"truth t={t}"), panel(prediction[t], mode),
+                              panel(difference[t], "difference")], axis=1)
+
+
+def write_video(path, frames, fps=10):
+    """BGR images of one size -> MP4."""
+    frames = list(frames)
+    height, width = frames[0].shape[:2]
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
     if not writer.isOpened():
         raise RuntimeError(f"OpenCV cannot write {path}")
-    for t in range(len(truth)):
-        mode = "observed" if t < context else "open loop"
-        writer.write(np.concatenate([panel(truth[t], f"truth t={t}"), panel(prediction[t], mode),
-                                     panel(difference[t], "difference")], axis=1))
+    for frame in frames:
+        writer.write(frame)
     writer.release()
+
+
+def write_gif(path, frames, fps=10):
+    """BGR images -> looping animated GIF at half the video's size, small enough for a README."""
+    images = [Image.fromarray(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)).reduce(2) for frame in frames]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=1000 // fps, loop=0)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("run_dir", help="a run directory written by train.py")
-    parser.add_argument("--out", default=None, help="video path (default: RUN_DIR/video_prediction.mp4)")
+    parser.add_argument("--out", default=None,
+                        help="video path (default: RUN_DIR/video_prediction.mp4, or .gif with --gif)")
+    parser.add_argument("--gif", action="store_true", help="write an animated GIF instead of an MP4")
     parser.add_argument("--context", type=int, default=5, help="frames observed before predicting")
     parser.add_argument("--length", type=int, default=45, help="frames predicted open loop")
     parser.add_argument("--episode", default=None,
@@ -80,8 +96,8 @@ def main(argv=None):
         sys.exit(f"error: the episode has {len(episode['reward'])} frames, fewer than "
                  f"--context + --length = {total}")
     truth, prediction = open_loop_frames(model, episode, args.context, total, config.bit_depth)
-    out = Path(args.out or Path(args.run_dir) / "video_prediction.mp4")
-    write_video(out, truth, prediction, args.context)
+    out = Path(args.out or Path(args.run_dir) / f"video_prediction.{'gif' if args.gif else 'mp4'}")
+    (write_gif if args.gif else write_video)(out, video_frames(truth, prediction, args.context))
     print(out)
 
 

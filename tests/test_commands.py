@@ -11,6 +11,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import ROOT, TINY_FLAGS
@@ -84,6 +85,16 @@ def test_test_command_plays_episodes(run_dir):
     assert mean == pytest.approx(np.mean(returns), abs=0.1) and std == pytest.approx(np.std(returns), abs=0.1)
 
 
+def test_test_command_plays_random_actions_on_the_same_episodes(run_dir, tmp_path):
+    config_only = tmp_path / "run"  # The baseline needs the run's config, not its checkpoint.
+    config_only.mkdir()
+    shutil.copy(run_dir / "config.json", config_only)
+    results = [run("test.py", str(path), "--episodes", "2", "--random").stdout for path in (run_dir, config_only)]
+    assert results[0] == results[1] and results[0].strip().splitlines()[2].endswith("over 2 episodes")
+    planned = run("test.py", str(run_dir), "--episodes", "2", "--device", "cpu").stdout
+    assert planned != results[0]
+
+
 def test_render_without_a_display_is_refused(run_dir):
     env = {key: value for key, value in os.environ.items() if key not in ("DISPLAY", "WAYLAND_DISPLAY")}
     result = subprocess.run([sys.executable, "test.py", str(run_dir), "--render", "--episodes", "1"],
@@ -133,6 +144,14 @@ def test_video_prediction_from_a_stored_episode(run_dir, tmp_path):
     out = tmp_path / "stored.mp4"
     run("video_prediction.py", str(run_dir), "--episode", str(episode), "--out", str(out), "--length", "20")
     assert cv2.VideoCapture(str(out)).get(cv2.CAP_PROP_FRAME_COUNT) == 25
+
+
+def test_video_prediction_writes_a_gif(run_dir, tmp_path):
+    episode = sorted((run_dir / "episodes" / "train").glob("*.npz"))[0]
+    out = tmp_path / "stored.gif"
+    run("video_prediction.py", str(run_dir), "--episode", str(episode), "--out", str(out), "--length", "10", "--gif")
+    with Image.open(out) as gif:
+        assert (gif.n_frames, gif.size, gif.info["loop"]) == (15, (384, 128), 0)
 
 
 def test_unknown_task_lists_the_tasks(tmp_path):

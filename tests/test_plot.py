@@ -87,6 +87,8 @@ def test_table_scores_each_seed_by_its_last_test(runs, tmp_path, episodes):
         assert row[3] == str(paper[task])
         assert float(row[4]) == pytest.approx(mean - paper[task], abs=0.051)
     assert table_rows(result.stdout, "cartpole-swingup")[0][5] == "3 finished"
+    # The seed episodes 1..5 of every fake run return 1..5: random actions score their mean.
+    assert table_rows(result.stdout, "cartpole-swingup")[0][6] == "3.0"
     assert table_rows(result.stdout, "cheetah-run")[0][5] == "1 finished, partial 25/30"
 
 

@@ -1,11 +1,13 @@
 """Flag parsing and the update step of train.py, in process."""
+import dataclasses
+
 import pytest
 import torch
 
 from conftest import TINY_MODEL, make_episode
 from model import WorldModel
-from train import Config, parse_args, update
-from utils import BatchPrefetcher, ReplayBuffer
+from train import PRESETS, Config, parse_args, update
+from utils import BatchPrefetcher, ReplayBuffer, write_json
 
 
 def test_defaults_are_the_papers():
@@ -51,3 +53,31 @@ def test_learning_rate_warms_up_linearly_over_the_official_ramp():
     config.warmup_updates = 0
     update(model, optimizer, batches.batch(), config, 0)
     assert optimizer.param_groups[0]["lr"] == 1e-3
+
+
+def test_preset_sets_its_values_and_flags_win(caplog):
+    with caplog.at_level("INFO"):
+        config, _, _ = parse_args(["--task", "cartpole-swingup", "--preset", "small", "--candidates", "300"])
+    expected = {**PRESETS["small"], "candidates": 300}
+    assert {name: getattr(config, name) for name in expected} == expected
+    assert config.preset == "small"
+    assert (config.horizon, config.chunk_length, config.belief_size) == (12, 50, 200)  # Untouched.
+    assert "preset small: batch_size=16" in caplog.text and "overridden by flags: candidates" in caplog.text
+
+
+def test_unknown_preset_is_refused(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--preset", "tiny"])
+    assert exit_info.value.code == 2
+    assert "unknown --preset 'tiny'; known presets: small" in capsys.readouterr().err
+
+
+def test_resume_keeps_the_preset(tmp_path, capsys):
+    config, _, _ = parse_args(["--task", "cartpole-swingup", "--preset", "small", "--batch-size", "8"])
+    write_json(tmp_path / "config.json", dataclasses.asdict(config))
+    resumed, _, _ = parse_args(["--resume", str(tmp_path), "--episodes", "50"])
+    assert resumed == dataclasses.replace(config, episodes=50)
+    assert parse_args(["--resume", str(tmp_path), "--preset", "small"])[0].batch_size == 8
+    with pytest.raises(SystemExit):
+        parse_args(["--resume", str(tmp_path), "--preset", ""])
+    assert "--preset  (the run has small)" in capsys.readouterr().err

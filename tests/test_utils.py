@@ -1,4 +1,4 @@
-"""Bit-depth processing, episode files and the replay buffer."""
+"""Bit-depth processing, episode files, the replay buffer and the open-loop diagnostics."""
 import threading
 
 import numpy as np
@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from conftest import make_episode
-from utils import (BatchPrefetcher, ReplayBuffer, episode_paths, load_episode, postprocess_observation,
-                   preprocess_observation, save_episode)
+from utils import (BatchPrefetcher, ReplayBuffer, episode_paths, load_episode, open_loop_errors,
+                   postprocess_observation, preprocess_observation, save_episode)
 
 
 def test_bit_depth_round_trip():
@@ -117,3 +117,52 @@ def test_episode_files_round_trip(tmp_path):
     for key in episode:
         np.testing.assert_array_equal(loaded[key], episode[key])
         assert loaded[key].dtype == episode[key].dtype
+
+
+def test_open_loop_errors_match_a_step_by_step_computation(tiny_model, monkeypatch):
+    """Every start t, every step ahead k: the prior from the posterior at t, driven by the actions
+    that led to t+1 .. t+k, predicts reward[t+k] and obs[t+k]. Sampling is switched off (samples =
+    means) so that the two computations see the same states."""
+    monkeypatch.setattr(torch, "randn_like", torch.zeros_like)
+    rng = np.random.default_rng(0)
+    episodes = []
+    for length in (20, 17):
+        episode = make_episode(0, length)
+        episode["obs"] = rng.integers(0, 256, episode["obs"].shape, dtype=np.uint8)
+        episode["action"] = rng.uniform(-1, 1, episode["action"].shape).astype(np.float32)
+        episode["reward"] = rng.normal(size=length + 1).astype(np.float32)
+        episodes.append(episode)
+    horizon, stride = 4, 3
+    torch.manual_seed(0)  # The dequantisation noise of the frames.
+    errors = open_loop_errors(tiny_model, episodes, horizon, stride)
+    torch.manual_seed(0)
+    squared = {"reward_mse_open_loop": [], "reward_mse_posterior": [], "image_mse_open_loop": []}
+    targets = []
+    with torch.no_grad():
+        for episode in episodes:
+            obs = preprocess_observation(torch.as_tensor(episode["obs"]))
+            actions = torch.as_tensor(episode["action"])
+            belief, state = tiny_model.rssm.initial(1, "cpu")
+            filtered = []
+            for t in range(len(obs)):
+                belief, _, posterior = tiny_model.rssm.obs_step(state, actions[t:t + 1], belief,
+                                                                tiny_model.encoder(obs[t:t + 1]))
+                state = posterior.sample
+                filtered.append((belief, state))
+            for t in range(0, len(obs) - horizon, stride):
+                belief, state = filtered[t]
+                for k in range(1, horizon + 1):
+                    belief, prior = tiny_model.rssm.img_step(state, actions[t + k:t + k + 1], belief)
+                    state = prior.sample
+                    imagined = torch.cat([state, belief], -1)
+                    closed = torch.cat([filtered[t + k][1], filtered[t + k][0]], -1)
+                    reward = float(episode["reward"][t + k])
+                    squared["reward_mse_open_loop"].append((float(tiny_model.reward_model(imagined)) - reward) ** 2)
+                    squared["reward_mse_posterior"].append((float(tiny_model.reward_model(closed)) - reward) ** 2)
+                    squared["image_mse_open_loop"].append(
+                        float((tiny_model.observation_model(imagined)[0] - obs[t + k]).square().mean()))
+                    targets.append(reward)
+    expected = {name: np.mean(values) for name, values in squared.items()}
+    expected["reward_mse_constant"] = np.var(targets)
+    assert len(targets) == horizon * (len(range(0, 21 - horizon, stride)) + len(range(0, 18 - horizon, stride)))
+    assert errors == pytest.approx(expected, rel=1e-4)
