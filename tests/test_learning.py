@@ -1,0 +1,94 @@
+"""Learning regression test: the world model learns an easy task from random episodes.
+
+The real pipeline at small sizes: dm_control episodes with real rendering, the replay buffer and
+its prefetcher, `train.update` (the loss, Adam, warm-up, clipping) and `open_loop_errors`, the
+diagnostics that train.py logs at each test. About 10 minutes of CPU: this is the test that fails
+when the agent is broken in ways that shapes and unit tests cannot see.
+
+`python tests/test_learning.py [THREADS]` prints the measurements the thresholds come from.
+"""
+import sys
+
+import numpy as np
+import torch
+
+from agent import play_episode, random_policy
+from model import WorldModel
+from train import Config, update
+from utils import (BatchPrefetcher, ReplayBuffer, open_loop_errors, preprocess_observation,
+                   set_seed_everywhere)
+from wrappers import make_env
+
+TASK = "cartpole-balance"
+# Free nats 0, not the paper's 3: with 3, this model's KL stays under 3 nats for all 1000 updates
+# (measured: 2.78 at the end), so the KL has no gradient, the prior does not train and neither the
+# direction of the KL nor the open-loop predictions can be checked.
+CONFIG = Config(task=TASK, action_repeat=8, max_episode_length=400,  # 50 decisions per episode.
+                batch_size=16, chunk_length=25, collect_interval=1000, free_nats=0.0,
+                belief_size=64, state_size=16, hidden_size=64, reward_hidden_size=64, cnn_depth=8)
+TRAIN_EPISODES, HELD_OUT_EPISODES = 16, 4
+
+
+def collect_random(count, seed):
+    env = make_env(TASK, seed, CONFIG.action_repeat, CONFIG.max_episode_length)
+    policy = random_policy(env.action_size, np.random.default_rng(seed))
+    return [play_episode(env, policy) for _ in range(count)]
+
+
+@torch.no_grad()
+def std_ratio(model, episodes):
+    """Mean std of the posteriors over that of the priors, on the filtered steps after the first."""
+    posterior_std, prior_std = 0.0, 0.0
+    for episode in episodes:
+        obs = preprocess_observation(torch.as_tensor(episode["obs"][:, None]), CONFIG.bit_depth)
+        actions = torch.as_tensor(episode["action"][:, None])
+        _, priors, posteriors = model.rssm.observe(model.encoder(obs), actions, *model.rssm.initial(1, "cpu"))
+        posterior_std += posteriors.std[1:].mean().item()
+        prior_std += priors.std[1:].mean().item()
+    return posterior_std / prior_std
+
+
+def learn(seed=0):
+    """Fit the world model on random episodes, measure it on held-out ones. -> a dict."""
+    set_seed_everywhere(seed)
+    train, held_out = collect_random(TRAIN_EPISODES, seed), collect_random(HELD_OUT_EPISODES, seed + 1)
+    model = WorldModel(1, CONFIG.belief_size, CONFIG.state_size, CONFIG.hidden_size, CONFIG.cnn_depth,
+                       CONFIG.reward_hidden_size).eval()
+    untrained = open_loop_errors(model, held_out, CONFIG.horizon, bit_depth=CONFIG.bit_depth)
+    buffer = ReplayBuffer(CONFIG.chunk_length, seed=seed)
+    for episode in train:
+        buffer.add(episode)
+    optimizer = torch.optim.Adam(model.parameters(), lr=CONFIG.learning_rate, eps=CONFIG.adam_epsilon)
+    batches = BatchPrefetcher(buffer, CONFIG.batch_size, CONFIG.collect_interval, "cpu", CONFIG.bit_depth,
+                              torch.Generator().manual_seed(seed))
+    model.train()
+    for step, batch in enumerate(batches):
+        update(model, optimizer, batch, CONFIG, step)
+    model.eval()
+    trained = open_loop_errors(model, held_out, CONFIG.horizon, bit_depth=CONFIG.bit_depth)
+    return {"untrained": untrained, "trained": trained, "std_ratio": std_ratio(model, held_out)}
+
+
+def test_the_world_model_learns_from_random_episodes():
+    """Margins measured with the code as it is and with bugs put in on purpose, two runs each
+    (1000 updates; runs differ by float rounding, e.g. with 1 or 2 threads, which training grows):
+    - reward explained on held-out episodes, 1 - posterior MSE / variance: 0.79, 0.75. With the
+      reward target shifted by one step (the model at t fits r_{t+1}): 0.65 (one run). Threshold 0.70.
+    - open-loop (12 steps) reward MSE / variance: 0.63, 0.80. Threshold 0.9: the prior predicts.
+    - open-loop image MSE / untrained model's: 0.042, 0.042. Threshold 0.1.
+    - posterior std / prior std: 0.952, 0.952. With KL(prior || posterior): 0.994, 0.999, since
+      that direction pulls the posterior wide. Threshold 0.975.
+    """
+    result = learn()
+    trained, untrained = result["trained"], result["untrained"]
+    variance = trained["reward_mse_constant"]
+    assert 1 - trained["reward_mse_posterior"] / variance > 0.70, result
+    assert trained["reward_mse_open_loop"] / variance < 0.9, result
+    assert trained["image_mse_open_loop"] / untrained["image_mse_open_loop"] < 0.1, result
+    assert result["std_ratio"] < 0.975, result
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(int(sys.argv[1]) if len(sys.argv) > 1 else torch.get_num_threads())
+    for name, value in learn().items():
+        print(name, value)
