@@ -8,7 +8,8 @@ recursively for them) and writes, under `--out`:
   D4PG scores as dashed lines, and the return of random actions (the seed episodes) as a dotted one;
 - `scores.md` (also printed): per task, the score after `--episodes` episodes as mean +- std over
   seeds, where a seed's score is its last test at or before that many episodes, next to the
-  paper's PlaNet score and the random actions' return; then every run with the episodes it reached out of its target.
+  paper's PlaNet score and the random actions' return; then every run with the episodes it
+  reached out of its target.
 
 Runs still training or that died are included up to where they got and marked `partial`.
 """
@@ -115,7 +116,8 @@ def read_run(run_dir):
         raise ValueError(f"{path} is not a train.py config ({type(error).__name__}: {error})") from None
     records = read_metrics(run_dir / "metrics.jsonl")
     tests = [(r["episodes"], r["env_steps"], r["test/return"]) for r in records if "test/return" in r]
-    random_returns = [r["train/return"] for r in records if r["episodes"] <= seed_episodes and "train/return" in r]
+    random_returns = [r["train/return"] for r in records
+                      if r["episodes"] <= seed_episodes and "train/return" in r]
     return Run(run_dir, task, seed, target, records[-1]["episodes"] if records else 0, tests, random_returns)
 
 

@@ -55,7 +55,8 @@ def main(argv=None):
         except RuntimeError as error:
             sys.exit(f"error: {error}")
     if args.random:
-        logging.info("%s with uniform random actions, %d test episodes, seed %d", config.task, args.episodes, seed)
+        logging.info("%s with uniform random actions, %d test episodes, seed %d",
+                     config.task, args.episodes, seed)
     else:
         logging.info("%s after %d episodes (%d env steps), %d test episodes, seed %d",
                      config.task, checkpoint["counters"]["episodes"], checkpoint["counters"]["env_steps"],

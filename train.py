@@ -104,8 +104,9 @@ class Config:
 
 
 # Smaller settings for a machine without a GPU. Each keeps the paper's method (the same model
-# family, loss and CEM planner) and shrinks only what costs time. `small` shows cartpole-swingup
-# learning in about an hour on 2 CPU cores; README "Results" gives the measurements behind it.
+# family, loss and CEM planner) and shrinks only what costs time. `small` is sized for about an
+# hour of cartpole-swingup on 2 CPU cores; README "Learning on a CPU" gives its timings and what
+# it has reached (not yet learning, after 20 episodes).
 PRESETS = {
     "small": {
         "batch_size": 16,  # B x L = 800 frames per update instead of 2500.
@@ -113,7 +114,7 @@ PRESETS = {
         "candidates": 200, "top_candidates": 20, "iterations": 5,  # J, K, I; the horizon stays 12.
         "test_interval": 5, "test_episodes": 5,
         "cnn_depth": 16,  # Encoder/decoder channels 16..128: an update is 2.6x faster on a CPU.
-        "episodes": 35,
+        "episodes": 35,  # About 85 s each alone on 2 cores, by the timings of its parts.
     },
 }
 
@@ -298,8 +299,7 @@ def test_seeds(seed, first_index, count):
 def test(model, envs, config, first_index, run_dir):
     """Noise-free planner episodes in the parallel `envs`, one each, saved from `first_index` on.
     Returns the metrics (returns and the model's open-loop errors, see `open_loop_errors`) and a
-    strip of ground truth (top) over open-loop prediction (bottom) for
-    the first episode."""
+    strip of ground truth (top) over open-loop prediction (bottom) for the first episode."""
     agent = Agent(model, config.planner, config.bit_depth, batch_size=envs.num_envs)
     episodes = play_episodes(envs, agent, test_seeds(config.seed, first_index, envs.num_envs))
     for i, episode in enumerate(episodes):

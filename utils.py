@@ -234,7 +234,8 @@ def open_loop_errors(model, episodes, horizon=12, stride=4, bit_depth=5):
         target = rewards[ahead]
         totals["reward_mse_open_loop"] += (model.reward_model(imagined) - target).square().sum().item()
         totals["reward_mse_posterior"] += (model.reward_model(posterior) - target).square().sum().item()
-        totals["image_mse_open_loop"] += (model.observation_model(imagined) - obs[ahead, 0]).square().mean((-3, -2, -1)).sum().item()
+        image_error = (model.observation_model(imagined) - obs[ahead, 0]).square().mean((-3, -2, -1))
+        totals["image_mse_open_loop"] += image_error.sum().item()
         targets.append(target.flatten())
     targets = torch.cat(targets)
     errors = {name: total / len(targets) for name, total in totals.items()}

@@ -54,8 +54,9 @@ def write_video(path, frames, fps=10):
 
 def write_gif(path, frames, fps=10):
     """BGR images -> looping animated GIF at half the video's size, small enough for a README."""
-    images = [Image.fromarray(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)).reduce(2).quantize(64, dither=Image.Dither.NONE)
-              for frame in frames]  # Dithering would make the file several times larger.
+    # Without dithering: it would make the file several times larger.
+    images = [Image.fromarray(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)).reduce(2)
+              .quantize(64, dither=Image.Dither.NONE) for frame in frames]
     images[0].save(path, save_all=True, append_images=images[1:], duration=1000 // fps, loop=0)
 
 

@@ -89,7 +89,8 @@ def test_test_command_plays_random_actions_on_the_same_episodes(run_dir, tmp_pat
     config_only = tmp_path / "run"  # The baseline needs the run's config, not its checkpoint.
     config_only.mkdir()
     shutil.copy(run_dir / "config.json", config_only)
-    results = [run("test.py", str(path), "--episodes", "2", "--random").stdout for path in (run_dir, config_only)]
+    results = [run("test.py", str(path), "--episodes", "2", "--random").stdout
+               for path in (run_dir, config_only)]
     assert results[0] == results[1] and results[0].strip().splitlines()[2].endswith("over 2 episodes")
     planned = run("test.py", str(run_dir), "--episodes", "2", "--device", "cpu").stdout
     assert planned != results[0]

@@ -157,12 +157,14 @@ def test_open_loop_errors_match_a_step_by_step_computation(tiny_model, monkeypat
                     imagined = torch.cat([state, belief], -1)
                     closed = torch.cat([filtered[t + k][1], filtered[t + k][0]], -1)
                     reward = float(episode["reward"][t + k])
-                    squared["reward_mse_open_loop"].append((float(tiny_model.reward_model(imagined)) - reward) ** 2)
-                    squared["reward_mse_posterior"].append((float(tiny_model.reward_model(closed)) - reward) ** 2)
+                    predicted = float(tiny_model.reward_model(imagined)), float(tiny_model.reward_model(closed))
+                    squared["reward_mse_open_loop"].append((predicted[0] - reward) ** 2)
+                    squared["reward_mse_posterior"].append((predicted[1] - reward) ** 2)
                     squared["image_mse_open_loop"].append(
                         float((tiny_model.observation_model(imagined)[0] - obs[t + k]).square().mean()))
                     targets.append(reward)
     expected = {name: np.mean(values) for name, values in squared.items()}
     expected["reward_mse_constant"] = np.var(targets)
-    assert len(targets) == horizon * (len(range(0, 21 - horizon, stride)) + len(range(0, 18 - horizon, stride)))
+    starts = len(range(0, 21 - horizon, stride)) + len(range(0, 18 - horizon, stride))
+    assert len(targets) == horizon * starts
     assert errors == pytest.approx(expected, rel=1e-4)
