@@ -2,6 +2,8 @@
 
 Notation: `belief` is the deterministic GRU state h_t, `state` the stochastic latent s_t,
 `embed` the encoder's features e_t of the observation o_t. Shapes use T for time, B for batch.
+The transition model is the paper's RSSM by default; `transition_model` also builds the two
+designs it is compared with in Sec. 5 (Figure 4): the stochastic-only SSM and the deterministic GRU.
 """
 import math
 from typing import NamedTuple
@@ -61,22 +63,29 @@ class Encoder(nn.Module):
         return embed.reshape(*batch_shape, self.embed_size)
 
 
-class RSSM(nn.Module):
-    """Recurrent state-space model: deterministic belief h_t plus stochastic state s_t (Sec. 3).
+def gaussian(params, mean_only=False):
+    """Split `(..., 2 * S)` into the mean and the pre-softplus std of a diagonal Gaussian and draw
+    one sample (the mean itself when `mean_only`, official `mean_only`)."""
+    mean, std = params.chunk(2, dim=-1)
+    # On a CPU softplus runs 10x faster on a contiguous copy than on this strided half.
+    std = F.softplus(std.contiguous()) + MIN_STD
+    return Gaussian(mean, std, mean if mean_only else mean + std * torch.randn_like(std))
 
-    img_step (prior):       h_t = GRU(relu(W[s_{t-1}, a_{t-1}]), h_{t-1}),  s_t ~ p(s_t | h_t)
-    obs_step (posterior):   the prior step, then s_t ~ q(s_t | h_t, e_t)
+
+class TransitionModel(nn.Module):
+    """The interface of a latent transition model: all that the loss, the planner, the agent and
+    the open-loop predictions use. A subclass defines `img_step` and `obs_step`:
+
+    img_step(state, action, belief) -> belief, prior      one step of p(s_t | s_<t, a_<t)
+    obs_step(state, action, belief, embed) -> belief, prior, posterior    q(s_t | ..., o_t)
+
+    with `state (B, S)` the previous sample, `action (B, A)` the action that led to step t and
+    `belief (B, belief_size)` the deterministic part, which is empty (size 0) in a model without one.
     """
 
-    def __init__(self, action_size, belief_size=200, state_size=30, hidden_size=200, embed_size=1024):
-        super().__init__()
-        self.action_size, self.belief_size, self.state_size = action_size, belief_size, state_size
-        self.fc_state_action = nn.Linear(state_size + action_size, hidden_size)
-        self.gru = nn.GRUCell(hidden_size, belief_size)
-        self.fc_prior_hidden = nn.Linear(belief_size, hidden_size)
-        self.fc_prior = nn.Linear(hidden_size, 2 * state_size)
-        self.fc_posterior_hidden = nn.Linear(belief_size + embed_size, hidden_size)
-        self.fc_posterior = nn.Linear(hidden_size, 2 * state_size)
+    action_size: int
+    belief_size: int
+    state_size: int
 
     @property
     def feature_size(self):
@@ -86,27 +95,6 @@ class RSSM(nn.Module):
         """Zero belief `(B, belief_size)` and zero state `(B, state_size)`."""
         return (torch.zeros(batch_size, self.belief_size, device=device),
                 torch.zeros(batch_size, self.state_size, device=device))
-
-    @staticmethod
-    def _gaussian(params):
-        mean, std = params.chunk(2, dim=-1)
-        # On a CPU softplus runs 10x faster on a contiguous copy than on this strided half.
-        std = F.softplus(std.contiguous()) + MIN_STD
-        return Gaussian(mean, std, mean + std * torch.randn_like(std))
-
-    def img_step(self, state, action, belief):
-        """One prior step: `(B, S)`, `(B, A)`, `(B, H)` -> belief `(B, H)`, prior `Gaussian`."""
-        x = F.relu(self.fc_state_action(torch.cat([state, action], dim=-1)))
-        belief = self.gru(x, belief)
-        prior = self._gaussian(self.fc_prior(F.relu(self.fc_prior_hidden(belief))))
-        return belief, prior
-
-    def obs_step(self, state, action, belief, embed):
-        """Prior step, then condition on the embed `(B, E)`: -> belief, prior, posterior."""
-        belief, prior = self.img_step(state, action, belief)
-        hidden = F.relu(self.fc_posterior_hidden(torch.cat([belief, embed], dim=-1)))
-        posterior = self._gaussian(self.fc_posterior(hidden))
-        return belief, prior, posterior
 
     def observe(self, embeds, actions, belief, state):
         """Filter a sequence. `embeds (T, B, E)`, `actions (T, B, A)` where `actions[t]` led to
@@ -133,18 +121,99 @@ class RSSM(nn.Module):
         return torch.stack(beliefs), torch.stack(states)
 
 
+class RSSM(TransitionModel):
+    """Recurrent state-space model: deterministic belief h_t plus stochastic state s_t (Sec. 3).
+
+    img_step (prior):       h_t = GRU(relu(W[s_{t-1}, a_{t-1}]), h_{t-1}),  s_t ~ p(s_t | h_t)
+    obs_step (posterior):   the prior step, then s_t ~ q(s_t | h_t, e_t)
+
+    With `mean_only`, every "sample" is its mean: the deterministic model of Figure 4 (`--model gru`,
+    official `mean_only`). The KL still compares the two Gaussians and so pulls the posterior's mean
+    towards the prior's, but nothing random reaches the features.
+    """
+
+    def __init__(self, action_size, belief_size=200, state_size=30, hidden_size=200, embed_size=1024,
+                 mean_only=False):
+        super().__init__()
+        self.action_size, self.belief_size, self.state_size = action_size, belief_size, state_size
+        self.mean_only = mean_only
+        self.fc_state_action = nn.Linear(state_size + action_size, hidden_size)
+        self.gru = nn.GRUCell(hidden_size, belief_size)
+        self.fc_prior_hidden = nn.Linear(belief_size, hidden_size)
+        self.fc_prior = nn.Linear(hidden_size, 2 * state_size)
+        self.fc_posterior_hidden = nn.Linear(belief_size + embed_size, hidden_size)
+        self.fc_posterior = nn.Linear(hidden_size, 2 * state_size)
+
+    def img_step(self, state, action, belief):
+        """One prior step: `(B, S)`, `(B, A)`, `(B, H)` -> belief `(B, H)`, prior `Gaussian`."""
+        x = F.relu(self.fc_state_action(torch.cat([state, action], dim=-1)))
+        belief = self.gru(x, belief)
+        prior = gaussian(self.fc_prior(F.relu(self.fc_prior_hidden(belief))), self.mean_only)
+        return belief, prior
+
+    def obs_step(self, state, action, belief, embed):
+        """Prior step, then condition on the embed `(B, E)`: -> belief, prior, posterior."""
+        belief, prior = self.img_step(state, action, belief)
+        hidden = F.relu(self.fc_posterior_hidden(torch.cat([belief, embed], dim=-1)))
+        posterior = gaussian(self.fc_posterior(hidden), self.mean_only)
+        return belief, prior, posterior
+
+
+class SSM(TransitionModel):
+    """State-space model with purely stochastic transitions (Figure 2b; official `models/ssm.py`):
+
+    img_step (prior):       s_t ~ p(s_t | s_{t-1}, a_{t-1}), one hidden layer
+    obs_step (posterior):   s_t ~ q(s_t | prior mean and std, e_t), one hidden layer
+
+    There is no belief: it is `(B, 0)`, passed through unchanged, so the features are s_t alone
+    and whatever the model remembers must pass through the samples.
+    """
+
+    def __init__(self, action_size, state_size=30, hidden_size=200, embed_size=1024):
+        super().__init__()
+        self.action_size, self.belief_size, self.state_size = action_size, 0, state_size
+        self.fc_transition_hidden = nn.Linear(state_size + action_size, hidden_size)
+        self.fc_transition = nn.Linear(hidden_size, 2 * state_size)
+        self.fc_posterior_hidden = nn.Linear(2 * state_size + embed_size, hidden_size)
+        self.fc_posterior = nn.Linear(hidden_size, 2 * state_size)
+
+    def img_step(self, state, action, belief):
+        """One prior step: `(B, S)`, `(B, A)`, empty `(B, 0)` -> the same belief, prior `Gaussian`."""
+        hidden = F.relu(self.fc_transition_hidden(torch.cat([state, action], dim=-1)))
+        return belief, gaussian(self.fc_transition(hidden))
+
+    def obs_step(self, state, action, belief, embed):
+        """Prior step, then condition on the embed `(B, E)`: -> belief, prior, posterior."""
+        belief, prior = self.img_step(state, action, belief)
+        hidden = F.relu(self.fc_posterior_hidden(torch.cat([prior.mean, prior.std, embed], dim=-1)))
+        return belief, prior, gaussian(self.fc_posterior(hidden))
+
+
+MODELS = ("rssm", "ssm", "gru")
+
+
+def transition_model(name, action_size, belief_size=200, state_size=30, hidden_size=200, embed_size=1024):
+    """The transition model `name` of MODELS: `rssm` (PlaNet), `ssm` (stochastic only; it has no
+    belief, so `belief_size` is unused) or `gru` (deterministic only: the RSSM with mean samples)."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODELS)}")
+    if name == "ssm":
+        return SSM(action_size, state_size, hidden_size, embed_size)
+    return RSSM(action_size, belief_size, state_size, hidden_size, embed_size, mean_only=name == "gru")
+
+
 def features(belief, state):
-    """The input of the heads: `[s_t, h_t]`, `(..., S + H)`."""
+    """The input of the heads: `[s_t, h_t]`, `(..., S + H)` (`s_t` alone when H is 0)."""
     return torch.cat([state, belief], dim=-1)
 
 
 class ObservationModel(nn.Module):
-    """Features `(..., S + H)` -> mean of N(o_t, 1), `(..., 3, 64, 64)`."""
+    """Features `(..., F)` -> mean of N(o_t, 1), `(..., 3, 64, 64)`."""
 
-    def __init__(self, belief_size=200, state_size=30, depth=32):
+    def __init__(self, feature_size=230, depth=32):
         super().__init__()
         self.embed_size = 32 * depth
-        self.fc = nn.Linear(belief_size + state_size, self.embed_size)  # No activation (official).
+        self.fc = nn.Linear(feature_size, self.embed_size)  # No activation (official).
         self.deconvs = nn.Sequential(
             nn.ConvTranspose2d(self.embed_size, 4 * depth, 5, stride=2), nn.ReLU(),
             nn.ConvTranspose2d(4 * depth, 2 * depth, 5, stride=2), nn.ReLU(),
@@ -159,13 +228,13 @@ class ObservationModel(nn.Module):
 
 
 class RewardModel(nn.Module):
-    """Features `(..., S + H)` -> mean of N(r_t, 1), `(...)`. Three hidden layers of 300 (official
+    """Features `(..., F)` -> mean of N(r_t, 1), `(...)`. Three hidden layers of 300 (official
     code; the paper's text says two of 200)."""
 
-    def __init__(self, belief_size=200, state_size=30, hidden_size=300):
+    def __init__(self, feature_size=230, hidden_size=300):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Linear(belief_size + state_size, hidden_size), nn.ReLU(),
+            nn.Linear(feature_size, hidden_size), nn.ReLU(),
             nn.Linear(hidden_size, hidden_size), nn.ReLU(),
             nn.Linear(hidden_size, hidden_size), nn.ReLU(),
             nn.Linear(hidden_size, 1),
@@ -176,15 +245,18 @@ class RewardModel(nn.Module):
 
 
 class WorldModel(nn.Module):
-    """The four networks trained together; one `state_dict` holds them all."""
+    """The four networks trained together; one `state_dict` holds them all. `rssm` is the
+    transition model: PlaNet's RSSM, or with `model` one of the designs of Figure 4 (MODELS),
+    which share its interface (`TransitionModel`)."""
 
     def __init__(self, action_size, belief_size=200, state_size=30, hidden_size=200,
-                 cnn_depth=32, reward_hidden_size=300):
+                 cnn_depth=32, reward_hidden_size=300, model="rssm"):
         super().__init__()
         self.encoder = Encoder(cnn_depth)
-        self.rssm = RSSM(action_size, belief_size, state_size, hidden_size, self.encoder.embed_size)
-        self.observation_model = ObservationModel(belief_size, state_size, cnn_depth)
-        self.reward_model = RewardModel(belief_size, state_size, reward_hidden_size)
+        self.rssm = transition_model(model, action_size, belief_size, state_size, hidden_size,
+                                     self.encoder.embed_size)
+        self.observation_model = ObservationModel(self.rssm.feature_size, cnn_depth)
+        self.reward_model = RewardModel(self.rssm.feature_size, reward_hidden_size)
 
     def loss(self, obs, actions, rewards, free_nats=3.0, reward_scale=10.0,
              overshooting_distance=0, overshooting_kl_beta=1.0):

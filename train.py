@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from agent import (Agent, compiled_rollout_returns, planner_policy, play_episode, play_episodes,
                    random_policy, rollout_returns)
-from model import WorldModel
+from model import MODELS, WorldModel
 from utils import (BatchPrefetcher, ReplayBuffer, append_jsonl, atomic_write, derive_seed,
                    episode_index, episode_paths, global_rng_state, keep_freed_memory, load_episode,
                    open_loop_errors, open_loop_frames, pack_random_state, read_jsonl, resolve_device,
@@ -63,6 +63,9 @@ class Config:
     action_repeat: int = option(0, "physics steps per action; 0: the paper's value for the task")
     max_episode_length: int = option(1000, "environment steps per episode")
     action_noise: float = option(0.3, "std of the Gaussian exploration noise when collecting")
+    collect: str = option("planner", "how episodes after the seed episodes are collected: planner "
+                          "(CEM plus exploration noise) or random (uniform actions: the 'random "
+                          "collection' agent of Sec. 5, Figure 5; tests still plan)")
     buffer_capacity: int = option(1_000_000, "agent steps kept in memory for replay")
     # Planner (CEM).
     horizon: int = option(12, "planning horizon (H)")
@@ -76,9 +79,11 @@ class Config:
     test_episodes: int = option(10, "episodes per test")
     checkpoint_interval: int = option(1, "episodes between checkpoints (one is also written at the end)")
     # Model.
-    belief_size: int = option(200, "GRU belief size (deterministic state h)")
+    model: str = option("rssm", "transition model: rssm (PlaNet), ssm (stochastic only) or gru "
+                        "(deterministic only), the designs of Sec. 5, Figure 4")
+    belief_size: int = option(200, "GRU belief size (deterministic state h; unused by the ssm)")
     state_size: int = option(30, "stochastic state size (s)")
-    hidden_size: int = option(200, "hidden layer size of the RSSM")
+    hidden_size: int = option(200, "hidden layer size of the transition model")
     reward_hidden_size: int = option(300, "hidden layer size of the reward model")
     cnn_depth: int = option(32, "channels of the first conv layer of encoder and decoder")
     # Loss and optimiser.
@@ -183,6 +188,10 @@ def parse_args(argv=None):
         parser.error("latent overshooting needs --chunk-length of at least 2")
     if config.nan_policy not in ("stop", "skip"):
         parser.error("--nan-policy must be stop or skip")
+    if config.model not in MODELS:
+        parser.error(f"--model must be one of {', '.join(MODELS)}")
+    if config.collect not in ("planner", "random"):
+        parser.error("--collect must be planner or random")
     if config.top_candidates > config.candidates:
         parser.error("--top-candidates must not exceed --candidates")
     config.action_repeat = config.action_repeat or default_action_repeat(config.task)
@@ -193,7 +202,7 @@ def parse_args(argv=None):
 
 def build_model(config, action_size):
     return WorldModel(action_size, config.belief_size, config.state_size, config.hidden_size,
-                      config.cnn_depth, config.reward_hidden_size)
+                      config.cnn_depth, config.reward_hidden_size, config.model)
 
 
 # --- Reading runs back. Each raises ValueError with a one-line reason. ---
@@ -222,9 +231,11 @@ def read_checkpoint(run_dir, config, model, device):
         raise ValueError(f"{path} is unreadable ({type(error).__name__}); "
                          "it is not a checkpoint written by train.py") from None
     saved = checkpoint.get("config", {}) if isinstance(checkpoint, dict) else {}
-    mismatched = [f"{name} {saved.get(name)} != {getattr(config, name)}" for name in
-                  ("task", "belief_size", "state_size", "hidden_size", "reward_hidden_size", "cnn_depth")
-                  if saved.get(name) != getattr(config, name)]
+    # A setting missing from an older checkpoint had its default then.
+    mismatched = [f"{name} {saved.get(name, getattr(Config, name))} != {getattr(config, name)}"
+                  for name in ("task", "model", "belief_size", "state_size", "hidden_size",
+                               "reward_hidden_size", "cnn_depth")
+                  if saved.get(name, getattr(Config, name)) != getattr(config, name)]
     if mismatched:
         raise ValueError(f"{path} does not match the model in config.json: {', '.join(mismatched)}")
     try:
@@ -431,12 +442,14 @@ class Workspace:
                         dynamic_ncols=True)
         while counters["episodes"] < config.episodes:
             metrics = {}
-            if counters["episodes"] < config.seed_episodes:
-                policy = random_policy(self.env.action_size, self.rng)
-            else:
+            seeding = counters["episodes"] < config.seed_episodes
+            if not seeding:
                 metrics = train_model(self.model, self.optimizer, self.buffer, config, self.device,
                                       self.batch_noise, counters["updates"])
                 counters["updates"] += config.collect_interval
+            if seeding or config.collect == "random":
+                policy = random_policy(self.env.action_size, self.rng)
+            else:
                 policy = planner_policy(self.agent, config.action_noise)
             start = time.perf_counter()
             episode = play_episode(self.env, policy)

@@ -186,3 +186,48 @@ def test_bad_run_directories(script, run_dir, tmp_path):
     config["belief_size"] = 32
     (other_size / "config.json").write_text(json.dumps(config))
     assert_clean_error(run(script, str(other_size), check=False), "does not match the model")
+
+
+@pytest.mark.parametrize("variant", ["ssm", "gru"])
+def test_each_model_variant_trains_resumes_tests_and_predicts(variant, tmp_path):
+    """The designs of Figure 4 through the same commands, latent overshooting on; `rssm` is the
+    run of the tests above."""
+    run_dir = tmp_path / variant
+    flags = [*TINY_FLAGS, "--model", variant, "--overshooting-distance", "3"]
+    run("train.py", *flags, "--episodes", "3", "--run-dir", str(run_dir))
+    run("train.py", "--resume", str(run_dir), "--episodes", "4")
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["episodes"] for m in metrics] == [1, 2, 3, 4] and "test/return" in metrics[-1]
+    assert metrics[-1]["loss/overshooting_kl"] >= 0
+    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert checkpoint["config"]["model"] == variant
+    assert ("rssm.gru.weight_hh" in checkpoint["model"]) == (variant == "gru")
+    assert "mean return" in run("test.py", str(run_dir), "--episodes", "1", "--device", "cpu").stdout
+    out = tmp_path / "prediction.gif"
+    run("video_prediction.py", str(run_dir), "--out", str(out), "--length", "10", "--gif")
+    assert out.stat().st_size > 0
+    refused = run("train.py", "--resume", str(run_dir), "--model", "rssm", check=False)
+    assert_clean_error(refused, "a resumed run keeps its config")
+
+
+def test_random_collection_never_plans_after_the_seed_episodes(tmp_path):
+    """`--collect random`: every training episode's actions are the next draws of the run's uniform
+    stream (seed episodes and all), while the model trains and the test still plans."""
+    run_dir = tmp_path / "random"
+    run("train.py", *TINY_FLAGS, "--collect", "random", "--run-dir", str(run_dir))
+    config = json.loads((run_dir / "config.json").read_text())
+    rng = np.random.default_rng(config["seed"])
+    for path in sorted((run_dir / "episodes" / "train").glob("*.npz")):
+        with np.load(path) as episode:
+            actions = episode["action"][1:]
+        expected = np.stack([rng.uniform(-1, 1, actions.shape[1]) for _ in actions]).astype(np.float32)
+        np.testing.assert_array_equal(actions, expected)
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["updates"] == 6 and "test/return" in metrics[-1]
+
+
+def test_unknown_model_or_collection_is_refused(tmp_path):
+    assert_clean_error(run("train.py", "--model", "lstm", "--log-dir", str(tmp_path), check=False),
+                       "--model must be one of rssm, ssm, gru")
+    assert_clean_error(run("train.py", "--collect", "human", "--log-dir", str(tmp_path), check=False),
+                       "--collect must be planner or random")

@@ -6,7 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import Normal, kl_divergence
 
-from model import (RSSM, Encoder, Gaussian, ObservationModel, RewardModel, gaussian_kl)
+from conftest import TINY_MODEL
+from model import (MODELS, RSSM, SSM, Encoder, Gaussian, ObservationModel, RewardModel, WorldModel,
+                   gaussian_kl)
 
 
 def count(module):
@@ -19,15 +21,17 @@ def test_paper_sizes_and_parameter_counts():
     assert (rssm.belief_size, rssm.state_size, rssm.gru.hidden_size, encoder.embed_size) == (200, 30, 200, 1024)
 
 
-def test_shapes():
+@pytest.mark.parametrize("variant, belief_size", [("rssm", 200), ("ssm", 0), ("gru", 200)])
+def test_shapes(variant, belief_size):
     torch.manual_seed(0)
-    encoder, rssm, decoder, reward = Encoder(), RSSM(6), ObservationModel(), RewardModel()
+    model = WorldModel(6, model=variant)
+    encoder, rssm, decoder, reward = model.encoder, model.rssm, model.observation_model, model.reward_model
     obs = torch.rand(5, 2, 3, 64, 64) - 0.5
     embed = encoder(obs)
     assert embed.shape == (5, 2, 1024)
     belief, state = rssm.initial(2, "cpu")
     beliefs, priors, posteriors = rssm.observe(embed, torch.zeros(5, 2, 6), belief, state)
-    assert beliefs.shape == (5, 2, 200)
+    assert beliefs.shape == (5, 2, belief_size) and rssm.feature_size == belief_size + 30
     for gaussian in (priors, posteriors):
         assert all(x.shape == (5, 2, 30) for x in gaussian)
         assert (gaussian.std >= 0.1).all()
@@ -35,7 +39,14 @@ def test_shapes():
     assert decoder(feature).shape == (5, 2, 3, 64, 64)
     assert reward(feature).shape == (5, 2)
     imagined_beliefs, imagined_states = rssm.imagine(torch.zeros(7, 2, 6), beliefs[-1], posteriors.sample[-1])
-    assert imagined_beliefs.shape == (7, 2, 200) and imagined_states.shape == (7, 2, 30)
+    assert imagined_beliefs.shape == (7, 2, belief_size) and imagined_states.shape == (7, 2, 30)
+
+
+def test_ssm_sizes_follow_the_official_code():
+    """One hidden layer of 200 in the transition and in the posterior, which sees the prior's mean
+    and std and the embed (official `models/ssm.py`)."""
+    ssm = SSM(6)
+    assert count(ssm) == (36 * 200 + 200) + (200 * 60 + 60) + (1084 * 200 + 200) + (200 * 60 + 60)
 
 
 def test_kl_is_posterior_to_prior_and_matches_hand_computation():
@@ -50,25 +61,45 @@ def test_kl_is_posterior_to_prior_and_matches_hand_computation():
     torch.testing.assert_close(gaussian_kl(q, p), expected)
 
 
+def independent_rssm_step(rssm, belief, state, action, embed):
+    """One step of the RSSM from its layers, with torch.distributions. Draws the prior sample, then
+    the posterior sample, as the RSSM does; with `mean_only` (the GRU variant) draws nothing."""
+    hidden = F.relu(rssm.fc_state_action(torch.cat([state, action], -1)))
+    belief = rssm.gru(hidden, belief)
+    prior_mean, prior_std = rssm.fc_prior(F.relu(rssm.fc_prior_hidden(belief))).chunk(2, -1)
+    prior = Normal(prior_mean, F.softplus(prior_std) + 0.1)
+    post_mean, post_std = rssm.fc_posterior(
+        F.relu(rssm.fc_posterior_hidden(torch.cat([belief, embed], -1)))).chunk(2, -1)
+    posterior = Normal(post_mean, F.softplus(post_std) + 0.1)
+    if rssm.mean_only:
+        return belief, posterior.mean, prior, posterior
+    prior.rsample()  # Keeps the random stream aligned with the RSSM's prior sample.
+    return belief, posterior.rsample(), prior, posterior
+
+
+def independent_ssm_step(ssm, belief, state, action, embed):
+    """One step of the SSM from its layers: no belief, the posterior sees the prior's parameters."""
+    prior_mean, prior_std = ssm.fc_transition(
+        F.relu(ssm.fc_transition_hidden(torch.cat([state, action], -1)))).chunk(2, -1)
+    prior = Normal(prior_mean, F.softplus(prior_std) + 0.1)
+    prior.rsample()
+    post_mean, post_std = ssm.fc_posterior(F.relu(ssm.fc_posterior_hidden(
+        torch.cat([prior.mean, prior.stddev, embed], -1)))).chunk(2, -1)
+    posterior = Normal(post_mean, F.softplus(post_std) + 0.1)
+    return belief, posterior.rsample(), prior, posterior
+
+
 def independent_loss(model, obs, actions, rewards, free_nats, reward_scale):
-    """The loss of the spec written out step by step from the layers, with torch.distributions.
-    Draws the prior sample, then the posterior sample, at every step, as the RSSM does."""
+    """The loss of the spec written out step by step from the layers, with torch.distributions."""
     rssm = model.rssm
+    step = independent_ssm_step if isinstance(rssm, SSM) else independent_rssm_step
     steps, batch = actions.shape[:2]
     belief = torch.zeros(batch, rssm.belief_size)
     state = torch.zeros(batch, rssm.state_size)
     embeds = model.encoder(obs)
     image, reward, kl = 0.0, 0.0, []
     for t in range(steps):
-        hidden = F.relu(rssm.fc_state_action(torch.cat([state, actions[t]], -1)))
-        belief = rssm.gru(hidden, belief)
-        prior_mean, prior_std = rssm.fc_prior(F.relu(rssm.fc_prior_hidden(belief))).chunk(2, -1)
-        prior = Normal(prior_mean, F.softplus(prior_std) + 0.1)
-        prior.rsample()  # Keeps the random stream aligned with the RSSM's prior sample.
-        post_mean, post_std = rssm.fc_posterior(
-            F.relu(rssm.fc_posterior_hidden(torch.cat([belief, embeds[t]], -1)))).chunk(2, -1)
-        posterior = Normal(post_mean, F.softplus(post_std) + 0.1)
-        state = posterior.rsample()
+        belief, state, prior, posterior = step(rssm, belief, state, actions[t], embeds[t])
         feature = torch.cat([state, belief], -1)
         image = image - Normal(model.observation_model(feature), 1.0).log_prob(obs[t]).sum((1, 2, 3)).mean()
         reward = reward - Normal(model.reward_model(feature), 1.0).log_prob(rewards[t]).mean()
@@ -80,8 +111,10 @@ def independent_loss(model, obs, actions, rewards, free_nats, reward_scale):
                                                      "kl_free": kl_free}
 
 
+@pytest.mark.parametrize("variant", MODELS)
 @pytest.mark.parametrize("free_nats", [0.0, 0.5, 3.0])
-def test_loss_matches_independent_computation(tiny_model, free_nats):
+def test_loss_matches_independent_computation(variant, free_nats):
+    tiny_model = WorldModel(2, **TINY_MODEL, model=variant)
     torch.manual_seed(1)
     obs, actions, rewards = torch.rand(6, 3, 3, 64, 64) - 0.5, torch.rand(6, 3, 2) * 2 - 1, torch.randn(6, 3)
     torch.manual_seed(2)
@@ -138,3 +171,38 @@ def test_open_loop_prediction_uses_posteriors_then_prior(tiny_model):
     torch.manual_seed(5)
     second = tiny_model.predict_open_loop(changed, actions, context=3)
     torch.testing.assert_close(first, second)
+
+
+def test_gru_variant_has_no_stochastic_path():
+    """`--model gru`: the same inputs give the same features and open-loop rollouts, whatever the
+    random stream, while the RSSM's differ."""
+    obs, actions = torch.rand(6, 2, 3, 64, 64) - 0.5, torch.rand(6, 2, 2) * 2 - 1
+
+    def features_and_rollout(model, seed):
+        torch.manual_seed(seed)
+        beliefs, _, posteriors = model.rssm.observe(model.encoder(obs), actions, *model.rssm.initial(2, "cpu"))
+        imagined = model.rssm.imagine(actions, beliefs[-1], posteriors.sample[-1])
+        return torch.cat([posteriors.sample, beliefs], -1), torch.cat(imagined, -1)
+
+    torch.manual_seed(0)
+    gru, rssm = WorldModel(2, **TINY_MODEL, model="gru"), WorldModel(2, **TINY_MODEL)
+    for first, second in zip(features_and_rollout(gru, 1), features_and_rollout(gru, 2)):
+        torch.testing.assert_close(first, second, rtol=0, atol=0)
+    for first, second in zip(features_and_rollout(rssm, 1), features_and_rollout(rssm, 2)):
+        assert not torch.allclose(first, second)
+
+
+def test_ssm_variant_has_no_deterministic_path():
+    """`--model ssm`: no belief, and each prior is the transition of the previous sample and action
+    alone: recomputed from those two with nothing else, it is the same Gaussian."""
+    torch.manual_seed(0)
+    model = WorldModel(2, **TINY_MODEL, model="ssm")
+    ssm = model.rssm
+    obs, actions = torch.rand(6, 2, 3, 64, 64) - 0.5, torch.rand(6, 2, 2) * 2 - 1
+    beliefs, priors, posteriors = ssm.observe(model.encoder(obs), actions, *ssm.initial(2, "cpu"))
+    assert beliefs.shape == (6, 2, 0) and ssm.feature_size == ssm.state_size
+    nothing = torch.zeros(2, 0)
+    for t in range(1, 6):
+        _, prior = ssm.img_step(posteriors.sample[t - 1], actions[t], nothing)
+        torch.testing.assert_close(prior.mean, priors.mean[t])
+        torch.testing.assert_close(prior.std, priors.std[t])
