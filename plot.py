@@ -11,9 +11,13 @@ recursively for them) and writes, under `--out`:
   paper's PlaNet score and the random actions' return; then every run with the episodes it
   reached out of its target.
 
+Runs of a task whose settings differ (e.g. a sweep with `--grid model=rssm,ssm,gru`) are variants:
+each gets its own curve and row, named by the settings that differ, such as `model=ssm`.
+
 Runs still training or that died are included up to where they got and marked `partial`.
 """
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -26,6 +30,8 @@ matplotlib.use("Agg")  # Files only: no display needed.
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import FuncFormatter
+
+from train import Config
 
 # Table 1 of the paper: PlaNet after 1000 episodes (5 seeds x 10 test episodes) and D4PG from pixels
 # after 100,000 episodes. The order is the paper's.
@@ -40,6 +46,11 @@ PAPER_SCORES = {
 NUMBERS = ("episodes", "env_steps", "test/return")  # The fields of metrics.jsonl that plot.py reads.
 BASELINE_STYLE = {"PlaNet": ("tab:red", "PlaNet, paper (1000 episodes)"),
                   "D4PG": ("tab:gray", "D4PG, paper (pixels, 100k episodes)")}
+# Settings that tell runs apart without changing the method: never what makes a variant.
+NOT_A_VARIANT = ("seed", "log_dir", "device", "episodes", "nan_policy", "compile_planner",
+                 "checkpoint_interval")
+VARIANT_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink",
+                  "tab:olive", "tab:cyan")
 
 
 @dataclass
@@ -53,6 +64,8 @@ class Run:
     reached: int = 0  # The episodes it has logged.
     tests: list = field(default_factory=list)  # (episodes, env_steps, test return), in order.
     random_returns: list = field(default_factory=list)  # Of the seed episodes: uniform random actions.
+    settings: dict = field(default_factory=dict)  # config.json, with the defaults of settings it lacks.
+    variant: str = ""  # The settings that set it apart from the task's other runs, e.g. "model=ssm".
 
     @property
     def finished(self):
@@ -118,7 +131,9 @@ def read_run(run_dir):
     tests = [(r["episodes"], r["env_steps"], r["test/return"]) for r in records if "test/return" in r]
     random_returns = [r["train/return"] for r in records
                       if r["episodes"] <= seed_episodes and "train/return" in r]
-    return Run(run_dir, task, seed, target, records[-1]["episodes"] if records else 0, tests, random_returns)
+    settings = {**dataclasses.asdict(Config()), **config}
+    return Run(run_dir, task, seed, target, records[-1]["episodes"] if records else 0, tests, random_returns,
+               settings)
 
 
 def random_level(runs):
@@ -128,11 +143,31 @@ def random_level(runs):
 
 
 def group_by_task(runs):
-    """{task: its runs by seed}, the paper's tasks first in the paper's order."""
+    """{task: {variant: its runs by seed}}, the paper's tasks first in the paper's order, each
+    task's runs named by `name_variants`."""
     order = {task: i for i, task in enumerate(PAPER_SCORES)}
     tasks = sorted({run.task for run in runs}, key=lambda task: (order.get(task, len(order)), task))
-    return {task: sorted((run for run in runs if run.task == task), key=lambda run: (run.seed, str(run.path)))
-            for task in tasks}
+    grouped = {}
+    for task in tasks:
+        task_runs = name_variants([run for run in runs if run.task == task])
+        grouped[task] = {variant: sorted((run for run in task_runs if run.variant == variant),
+                                         key=lambda run: (run.seed, str(run.path)))
+                         for variant in sorted({run.variant for run in task_runs})}
+    return grouped
+
+
+def name_variants(runs):
+    """Set each run's `variant` to the settings in which the runs differ, as `key=value, ...`
+    (empty when they all agree). -> the runs."""
+    keys = sorted({key for run in runs for key in run.settings} - set(NOT_A_VARIANT))
+    differing = [key for key in keys if len({json.dumps(run.settings.get(key)) for run in runs}) > 1]
+    for run in runs:
+        run.variant = ", ".join(f"{key}={run.settings.get(key)}" for key in differing)
+    return runs
+
+
+def all_runs(by_task):
+    return [run for variants in by_task.values() for runs in variants.values() for run in runs]
 
 
 # --- The figure. ---
@@ -157,22 +192,31 @@ def steps_label(value, _position):
     return f"{value / 1e3:g}k" if abs(value) >= 1e3 else f"{value:g}"
 
 
-def plot_task(ax, task, runs):
+def plot_variant(ax, runs, color, name):
+    """The mean ± std curve of one variant's runs, each seed thin, an x at each partial run's end."""
     tested = [run for run in runs if run.tests]
-    if tested:
-        steps, mean, std = mean_curve(tested)
-        ax.fill_between(steps, mean - std, mean + std, color="tab:blue", alpha=0.2, linewidth=0)
-        ax.plot(steps, mean, color="tab:blue", linewidth=2,
-                label=f"this port: mean ± std of {len(tested)} seed{'s' * (len(tested) > 1)}")
-        for i, run in enumerate(tested):
-            _, x, y = zip(*run.tests)
-            ax.plot(x, y, color="tab:blue", linewidth=0.6, alpha=0.4, label="single seeds" if i == 0 else None)
-        partial = [run for run in tested if not run.finished]
-        for i, run in enumerate(partial):
-            ax.plot(run.tests[-1][1], run.tests[-1][2], "x", color="black", markersize=7,
-                    label="last test of a partial run" if i == 0 else None)
-    else:
+    if not tested:
+        return
+    steps, mean, std = mean_curve(tested)
+    ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
+    ax.plot(steps, mean, color=color, linewidth=2,
+            label=f"{name}: mean ± std of {len(tested)} seed{'s' * (len(tested) > 1)}")
+    for run in tested:
+        _, x, y = zip(*run.tests)
+        ax.plot(x, y, color=color, linewidth=0.6, alpha=0.4)
+    for run in tested:
+        if not run.finished:
+            ax.plot(run.tests[-1][1], run.tests[-1][2], "x", color="black", markersize=7)
+
+
+def plot_task(ax, task, variants, colors):
+    runs = [run for runs in variants.values() for run in runs]
+    for variant, variant_runs in variants.items():
+        plot_variant(ax, variant_runs, colors[variant], variant or "this port")
+    if not any(run.tests for run in runs):
         ax.text(0.5, 0.5, "no test yet", transform=ax.transAxes, ha="center", va="center")
+    if any(run.tests and not run.finished for run in runs):
+        ax.plot([], [], "x", color="black", label="last test of a partial run")
     for method, score in PAPER_SCORES.get(task, {}).items():
         color, label = BASELINE_STYLE[method]
         ax.axhline(score, color=color, linestyle="--", linewidth=1.2, label=f"{label}: {score}")
@@ -192,8 +236,11 @@ def plot_curves(by_task, path):
     rows = -(-len(by_task) // columns)
     figure, axes = plt.subplots(rows, columns, figsize=(5.5 * columns, 4.2 * rows), squeeze=False,
                                 layout="constrained")
-    for ax, (task, runs) in zip(axes.flat, by_task.items()):
-        plot_task(ax, task, runs)
+    # A variant keeps its colour in every panel; thin lines are single seeds.
+    names = list(dict.fromkeys(variant for variants in by_task.values() for variant in variants))
+    colors = {name: VARIANT_COLORS[i % len(VARIANT_COLORS)] for i, name in enumerate(names)}
+    for ax, (task, variants) in zip(axes.flat, by_task.items()):
+        plot_task(ax, task, variants, colors)
     for ax in axes.flat[len(by_task):]:
         ax.set_visible(False)
     figure.suptitle("PlaNet learning curves: test return against environment steps")
@@ -203,7 +250,11 @@ def plot_curves(by_task, path):
 
 # --- The table. ---
 
-def score_row(task, runs, episodes):
+def named(task, variant):
+    return f"{task} ({variant})" if variant else task
+
+
+def score_row(task, variant, runs, episodes):
     scores = [score for run in runs if (score := run.score(episodes))]
     returns = np.array([r for _, r in scores])
     paper = PAPER_SCORES.get(task, {}).get("PlaNet")
@@ -213,13 +264,13 @@ def score_row(task, runs, episodes):
     status = [f"{finished} finished"] * bool(finished) + [
         f"partial {run.reached}/{run.target}" for run in runs if not run.finished]
     random = random_level(runs)
-    return [task, mean, str(len(scores)), "-" if paper is None else str(paper), difference, ", ".join(status),
+    return [named(task, variant), mean, str(len(scores)), "-" if paper is None else str(paper), difference, ", ".join(status),
             "-" if random is None else f"{random:.1f}"]
 
 
 def run_row(run, episodes):
     score = run.score(episodes)
-    return [run.task, str(run.seed), f"{run.reached}/{run.target}", "finished" if run.finished else "partial",
+    return [named(run.task, run.variant), str(run.seed), f"{run.reached}/{run.target}", "finished" if run.finished else "partial",
             f"{score[1]:.1f} (episode {score[0]})" if score else "-", str(run.path)]
 
 
@@ -233,9 +284,10 @@ def score_report(by_task, episodes):
     tasks = markdown_table(
         ["task", f"score after {episodes} episodes", "seeds", "PlaNet (paper)", "difference", "runs",
          "random actions"],
-        [score_row(task, runs, episodes) for task, runs in by_task.items()])
+        [score_row(task, variant, runs, episodes)
+         for task, variants in by_task.items() for variant, runs in variants.items()])
     runs = markdown_table(["task", "seed", "episodes", "status", "score used", "run directory"],
-                          [run_row(run, episodes) for runs in by_task.values() for run in runs])
+                          [run_row(run, episodes) for run in all_runs(by_task)])
     return (f"## Scores after {episodes} episodes\n\n"
             "Mean ± std over seeds (std with ddof 0) of each seed's last test at or before "
             f"{episodes} episodes; the paper's PlaNet score is the mean of 5 seeds x 10 test episodes; "

@@ -5,6 +5,10 @@ With no flag it runs the paper's grid, its 6 tasks x 5 seeds. Each run trains in
 are skipped, the others resume from their last checkpoint (`train.py --resume`), missing ones start.
 The flags after `--` go to every train.py run (e.g. `-- --episodes 500`).
 
+`--grid KEY=V1,V2 ...` also varies train.py settings, each combination a variant trained in
+`<log-dir>/<name>/<task>/<KEY=V,...>/seed<k>`: `--grid model=rssm,ssm,gru` gives the runs of the
+paper's Figure 4, which `plot.py` draws as one curve per variant.
+
 - Local (the default): train.py subprocesses on this machine, `--runs-per-gpu` on each GPU (a run
   sees only its GPU, through CUDA_VISIBLE_DEVICES), or `--local-workers` at a time without a GPU.
 - Ray (`--ray`): each run is a Ray task asking for `--gpus-per-run` GPUs (a fraction lets runs share
@@ -18,7 +22,9 @@ to `<run dir>/train.log`. The exit status is non-zero when a run failed for good
 """
 import argparse
 import contextlib
+import dataclasses
 import io
+import itertools
 import json
 import logging
 import os
@@ -27,14 +33,14 @@ import subprocess
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from train import Config
+from train import Config, RESUME_MAY_CHANGE
 from train import parse_args as parse_train_args
 from utils import read_jsonl
 from wrappers import PAPER_TASKS, parse_task
@@ -54,9 +60,19 @@ class Run:
     seed: int
     path: Path
     episodes_flag: int | None  # --episodes among the train.py flags, which overrides the run's config.
+    setting: dict = field(default_factory=dict)  # The --grid values of this run's variant.
     status: str = "pending"
     attempts: int = 0
     seconds: float = 0.0  # Wall clock of this sweep's attempts.
+
+    @property
+    def name(self):
+        return f"{self.task}{f' ({variant_name(self.setting)})' if self.setting else ''} seed {self.seed}"
+
+    @property
+    def flags(self):
+        """train.py flags of the run's variant."""
+        return [arg for key, value in self.setting.items() for arg in (f"--{key}", value)]
 
     @property
     def log(self):
@@ -91,6 +107,11 @@ class Run:
         return exit_status != USAGE_ERROR and self.attempts <= max_retries
 
 
+def variant_name(setting):
+    """The folder of a variant: `model=ssm`, `collect=random,iterations=1`."""
+    return ",".join(f"{key}={value}" for key, value in setting.items())
+
+
 def describe_exit(exit_status):
     if exit_status is None:
         return "Ray error"
@@ -102,8 +123,9 @@ def describe_exit(exit_status):
 def train_arguments(run, extra):
     """train.py and its flags for the run's next attempt: continue the run if it has a config."""
     if (run.path / "config.json").is_file():
-        return [str(TRAIN), "--resume", str(run.path), *extra]
-    return [str(TRAIN), "--run-dir", str(run.path), "--task", run.task, "--seed", str(run.seed), *extra]
+        return [str(TRAIN), "--resume", str(run.path), *extra, *run.flags]
+    return [str(TRAIN), "--run-dir", str(run.path), "--task", run.task, "--seed", str(run.seed), *extra,
+            *run.flags]
 
 
 def without_flag(arguments, flag):
@@ -269,8 +291,8 @@ def run_all(runs, launcher, extra, max_retries, bar):
         for handle, exit_status, seconds in launcher.wait(POLL_SECONDS):
             run = live.pop(handle)
             if run.record(exit_status, seconds, max_retries):
-                logging.warning("%s seed %d %s; resuming it (attempt %d of %d)", run.task, run.seed,
-                                run.status, run.attempts + 1, max_retries + 1)
+                logging.warning("%s %s; resuming it (attempt %d of %d)", run.name, run.status,
+                                run.attempts + 1, max_retries + 1)
                 queue.appendleft(run)
             else:
                 bar.update()
@@ -290,7 +312,8 @@ def summary_table(runs):
             ["---"] * 7]
     for run in runs:
         episodes, test_return = run.progress()
-        rows.append([run.task, str(run.seed), run.status, f"{episodes}/{run.target()}",
+        task = f"{run.task} ({variant_name(run.setting)})" if run.setting else run.task
+        rows.append([task, str(run.seed), run.status, f"{episodes}/{run.target()}",
                      "-" if test_return is None else f"{test_return:.1f}", str(run.attempts),
                      time.strftime("%H:%M:%S", time.gmtime(run.seconds))])
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)
@@ -307,6 +330,9 @@ def parse_args(argv=None):
                         help="dm_control tasks as domain-task (default: the paper's six)")
     parser.add_argument("--seeds", nargs="+", type=int, default=list(PAPER_SEEDS),
                         help="seeds of each task (default: 0 1 2 3 4)")
+    parser.add_argument("--grid", nargs="+", default=[], metavar="KEY=V1,V2",
+                        help="train.py settings to vary, each combination a variant of every task "
+                             "and seed, e.g. model=rssm,ssm,gru (default: none)")
     parser.add_argument("--log-dir", default="log", help="root of the sweep, on shared storage under Ray "
                         "(default: log)")
     parser.add_argument("--name", default="sweep",
@@ -343,7 +369,33 @@ def parse_args(argv=None):
     set_here = [flag for flag in SET_BY_SWEEP if any(a == flag or a.startswith(flag + "=") for a in extra)]
     if set_here:
         parser.error(f"the sweep sets {', '.join(set_here)} of each run itself; use --tasks and --seeds")
+    try:
+        args.grid = parse_grid(args.grid, extra)
+    except ValueError as error:
+        parser.error(str(error))
     return args, extra
+
+
+def parse_grid(items, extra):
+    """`["model=rssm,ssm", ...]` -> {flag name: [values]}, e.g. {"model": ["rssm", "ssm"]}.
+    Raises ValueError for a setting that train.py does not have or that cannot vary."""
+    fields = {f.name.replace("_", "-"): f for f in dataclasses.fields(Config)}
+    grid = {}
+    for item in items:
+        key, _, values = item.partition("=")
+        key = key.strip().replace("_", "-")
+        values = [value for value in values.split(",") if value]
+        if not values:
+            raise ValueError(f"--grid {item}: give KEY=V1,V2,...")
+        if key not in fields:
+            raise ValueError(f"--grid {item}: train.py has no setting --{key}")
+        if key in ("task", "seed") or fields[key].name in RESUME_MAY_CHANGE or fields[key].type is bool:
+            raise ValueError(f"--grid {item}: --{key} is not a setting a variant can differ in"
+                             f"{'; use --tasks and --seeds' if key in ('task', 'seed') else ''}")
+        if key in grid or train_flag(extra, f"--{key}", str) is not None:
+            raise ValueError(f"--grid {item}: --{key} is given twice")
+        grid[key] = list(dict.fromkeys(values))
+    return grid
 
 
 def train_flag(extra, name, type):
@@ -368,12 +420,14 @@ def main(argv=None):
     args, extra = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)  # absl set one.
     root = Path(args.log_dir).absolute() / args.name
-    runs = [Run(task, seed, root / task / f"seed{seed}", train_flag(extra, "--episodes", int))
-            for task in args.tasks for seed in args.seeds]
+    variants = [dict(zip(args.grid, values)) for values in itertools.product(*args.grid.values())]
+    runs = [Run(task, seed, root / task / variant_name(setting) / f"seed{seed}",
+                train_flag(extra, "--episodes", int), setting)
+            for task in args.tasks for setting in variants for seed in args.seeds]
     refused = [(run, why) for run in runs if (why := refusal(run, extra))]
     if refused:
         run, why = refused[0]
-        sys.exit(f"error: train.py refuses the flags of {run.task} seed {run.seed}"
+        sys.exit(f"error: train.py refuses the flags of {run.name}"
                  f"{f' and {len(refused) - 1} more runs' if len(refused) > 1 else ''}: {why}")
     for run in runs:
         if run.done_before():
@@ -394,8 +448,7 @@ def main(argv=None):
     print(summary_table(runs))
     failed = [run for run in runs if run.status != "finished"]
     for run in failed:
-        logging.error("%s seed %d %s: %s (see %s)", run.task, run.seed, run.status,
-                      last_line(run.log), run.log)
+        logging.error("%s %s: %s (see %s)", run.name, run.status, last_line(run.log), run.log)
     if failed:
         sys.exit(f"error: {len(failed)} of {len(runs)} runs failed")
 

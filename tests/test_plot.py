@@ -18,13 +18,13 @@ def plot(*args):
                           text=True, timeout=300)
 
 
-def write_run(run_dir, task, seed, reached, test_returns, target=TARGET):
-    """A run directory as train.py leaves it: config.json, and one metrics line per episode with
-    test/return on the tested episodes."""
+def write_run(run_dir, task, seed, reached, test_returns, target=TARGET, **settings):
+    """A run directory as train.py leaves it: config.json (with `settings`), and one metrics line
+    per episode with test/return on the tested episodes."""
     run_dir.mkdir(parents=True)
     (run_dir / "config.json").write_text(json.dumps(
         {"task": task, "seed": seed, "episodes": target, "action_repeat": 8, "test_interval": 10,
-         "test_episodes": 10, "max_episode_length": 1000}, indent=2))
+         "test_episodes": 10, "max_episode_length": 1000, **settings}, indent=2))
     lines = []
     for episode in range(1, reached + 1):
         record = {"episodes": episode, "env_steps": 1000 * episode, "updates": 100 * episode,
@@ -111,6 +111,31 @@ def test_run_dirs_and_roots_mix_and_count_once(runs, tmp_path):
     assert row[2] == "3"
     assert not table_rows(result.stdout, "cheetah-run")
     assert_valid_png(tmp_path / "plots" / "learning_curves.png", 400, 350)
+
+
+def test_variants_get_a_curve_and_a_row_each(tmp_path):
+    """Runs that differ in a setting (here --model, as `sweep.py --grid model=rssm,ssm,gru` makes
+    them) are grouped by it; a different seed, --episodes or --device makes no variant. A run
+    without the setting in its config (older than it) has the default, rssm."""
+    returns = {"rssm": (500.0, 600.0), "ssm": (100.0, 300.0), "gru": (200.0, 220.0)}
+    for model, (first, second) in returns.items():
+        settings = {} if model == "rssm" else {"model": model}
+        write_run(tmp_path / "log" / model / "seed0", "cartpole-swingup", 0, TARGET,
+                  {10: 0.0, 20: first, 30: first}, **settings)
+        write_run(tmp_path / "log" / model / "seed1", "cartpole-swingup", 1, TARGET + 5,
+                  {10: 0.0, 20: second, 30: second}, target=TARGET + 5, device="cpu", **settings)
+    out = tmp_path / "plots"
+    result = plot(tmp_path / "log", "--out", out, "--episodes", 30)
+    assert result.returncode == 0, result.stderr
+    tasks = result.stdout.split("## Runs")[0]
+    for model, scores in returns.items():
+        (row,) = table_rows(tasks, f"cartpole-swingup (model={model})")
+        assert row[1:3] == [f"{statistics.fmean(scores):.1f} ± {statistics.pstdev(scores):.1f}", "2"]
+    assert len(table_rows(result.stdout.split("## Runs")[1], "cartpole-swingup (model=ssm)")) == 2
+    # One colour per variant: blue, orange and green curves (BGR).
+    image = cv2.imread(str(out / "learning_curves.png")).astype(int)
+    for color in ((180, 119, 31), (14, 127, 255), (44, 160, 44)):
+        assert (np.abs(image - color).sum(-1) < 30).sum() > 100, color
 
 
 def test_unknown_task_has_no_paper_score(tmp_path):

@@ -122,6 +122,48 @@ def test_local_sweep_continues_where_it_stopped(tmp_path):
     assert "refused: --horizon 5 (the run has 3)" in changed.stderr
 
 
+def test_grid_trains_each_variant_and_plot_draws_them(tmp_path):
+    """`--grid model=rssm,gru collect=planner,random`: 4 variants of one task and seed, each in its
+    own folder with its settings, then one row each in plot.py's table."""
+    args = ("--tasks", "cartpole-swingup", "--seeds", "0", "--local-workers", "2",
+            "--grid", "model=rssm,gru", "collect=planner,random")
+    result = sweep(tmp_path, *args)
+    assert result.returncode == 0, result.stderr
+    variants = [f"model={model},collect={collect}" for model in ("rssm", "gru") for collect in ("planner", "random")]
+    table = summary(result.stdout)
+    assert {task for task, _ in table} == {f"cartpole-swingup ({variant})" for variant in variants}
+    assert {row["status"] for row in table.values()} == {"finished"}
+    for model in ("rssm", "gru"):
+        for collect in ("planner", "random"):
+            run_dir = tmp_path / "sweep" / "cartpole-swingup" / f"model={model},collect={collect}" / "seed0"
+            assert_trained(run_dir, "cartpole-swingup", 0, 3)
+            config = json.loads((run_dir / "config.json").read_text())
+            assert (config["model"], config["collect"]) == (model, collect)
+    plotted = subprocess.run([sys.executable, "plot.py", str(tmp_path / "sweep"), "--out", str(tmp_path / "plots"),
+                              "--episodes", "3"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert plotted.returncode == 0, plotted.stderr
+    rows = [line for line in plotted.stdout.split("## Runs")[0].splitlines() if line.startswith("| cartpole")]
+    assert sorted(row.split(" | ")[0] for row in rows) == sorted(
+        f"| cartpole-swingup (collect={collect}, model={model})" for model in ("gru", "rssm")
+        for collect in ("planner", "random"))
+    again = sweep(tmp_path, *args)  # Continues the same sweep: all done.
+    assert again.returncode == 0 and "4 finished before" in again.stderr
+
+
+@pytest.mark.parametrize("grid, message", [
+    ("foo=1", "train.py has no setting --foo"),
+    ("seed=1,2", "--seed is not a setting a variant can differ in; use --tasks and --seeds"),
+    ("model=", "give KEY=V1,V2"),
+    ("horizon=3,4", "--horizon is given twice"),
+    ("model=rssm,lstm", "train.py refuses the flags of cartpole-swingup (model=lstm) seed 0: --model must be"),
+])
+def test_bad_grids_start_nothing(tmp_path, grid, message):
+    result = sweep(tmp_path, "--tasks", "cartpole-swingup", "--seeds", "0", "--grid", grid)
+    assert result.returncode != 0
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--episodez", "3"], "train.py refuses the flags of cartpole-swingup seed 0: unrecognized arguments: --episodez"),
     (["--task", "cheetah-run"], "the sweep sets --task of each run itself"),
