@@ -111,7 +111,7 @@ class Config:
 # Smaller settings for a machine without a GPU. Each keeps the paper's method (the same model
 # family, loss and CEM planner) and shrinks only what costs time. `small` runs cartpole-swingup for
 # about 75 minutes on 2 CPU cores; README "Learning on a CPU" gives its timings and what it has
-# reached (not yet learning, after 30 episodes).
+# reached (not yet learning, after its 35 episodes).
 PRESETS = {
     "small": {
         "batch_size": 16,  # B x L = 800 frames per update instead of 2500.
