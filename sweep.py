@@ -66,8 +66,13 @@ class Run:
     seconds: float = 0.0  # Wall clock of this sweep's attempts.
 
     @property
+    def label(self):
+        """The task, with the variant if there is one: `cartpole-swingup (model=ssm)`."""
+        return f"{self.task} ({variant_name(self.setting)})" if self.setting else self.task
+
+    @property
     def name(self):
-        return f"{self.task}{f' ({variant_name(self.setting)})' if self.setting else ''} seed {self.seed}"
+        return f"{self.label} seed {self.seed}"
 
     @property
     def flags(self):
@@ -312,8 +317,7 @@ def summary_table(runs):
             ["---"] * 7]
     for run in runs:
         episodes, test_return = run.progress()
-        task = f"{run.task} ({variant_name(run.setting)})" if run.setting else run.task
-        rows.append([task, str(run.seed), run.status, f"{episodes}/{run.target()}",
+        rows.append([run.label, str(run.seed), run.status, f"{episodes}/{run.target()}",
                      "-" if test_return is None else f"{test_return:.1f}", str(run.attempts),
                      time.strftime("%H:%M:%S", time.gmtime(run.seconds))])
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)
