@@ -89,6 +89,28 @@ def cem_plan(rssm, reward_model, belief, state, horizon=12, iterations=10, candi
     return mean[0, :, 0]
 
 
+@functools.cache
+def captured_cem_plan(device_type):
+    """`cem_plan` compiled whole, for `--capture-planner`: the I x H rollout steps and the refits
+    become one graph, and on CUDA one CUDA graph (Inductor's `triton.cudagraphs`, which is what
+    `mode="reduce-overhead"` sets), so that a call launches it once instead of some 2,000 small
+    kernels. Random draws stay eager PyTorch's (`fallback_random`), so a seed gives the eager plan
+    up to float rounding. It compiles at the first call for each batch shape."""
+    options = {"fallback_random": True}
+    if device_type == "cuda":
+        options["triton.cudagraphs"] = True
+    else:
+        options["post_grad_custom_post_pass"] = BiasAfterMatmul()
+    compiled = torch.compile(cem_plan, dynamic=False, options=options)
+
+    def plan(*args, **kwargs):
+        if device_type == "cuda":  # Each call is a new step: the previous plan has been read.
+            torch.compiler.cudagraph_mark_step_begin()
+        return compiled(*args, **kwargs).clone()
+
+    return plan
+
+
 class Agent:
     """Keeps the filtered belief of B environments and plans their next actions.
 
@@ -96,9 +118,10 @@ class Agent:
     executed to reach it (zeros at reset), then `act()`.
     """
 
-    def __init__(self, model, planner_config, bit_depth=5, batch_size=1):
+    def __init__(self, model, planner_config, bit_depth=5, batch_size=1, plan=cem_plan):
         self.model = model
         self.config = planner_config
+        self.plan = plan  # cem_plan, or the same function compiled (`captured_cem_plan`).
         self.bit_depth = bit_depth
         self.device = next(model.parameters()).device
         self.batch_size = batch_size
@@ -118,8 +141,8 @@ class Agent:
 
     def act(self, action_noise=0.0):
         """Plan `(B, A)` actions, add N(0, action_noise^2) exploration noise, clip to [-1, 1]."""
-        action = cem_plan(self.model.rssm, self.model.reward_model, self.belief, self.state,
-                          **self.config)
+        action = self.plan(self.model.rssm, self.model.reward_model, self.belief, self.state,
+                           **self.config)
         if action_noise > 0:
             action = action + action_noise * torch.randn_like(action)
         return action.clamp(-1, 1).cpu().numpy()

@@ -44,12 +44,20 @@ def gaussian_nll(target, mean, dims):
     return 0.5 * squared + 0.5 * LOG_2PI * math.prod(target.shape[target.dim() - dims:])
 
 
-class Encoder(nn.Module):
-    """`(..., 3, 64, 64)` image in [-0.5, 0.5] -> `(..., 32 * depth)` embed (1024 by default)."""
+def conv_autocast(device, enabled):
+    """bf16 autocast for the conv nets (`--bf16`), or nothing. Their outputs go back to float32 so
+    that the RSSM, the KL and the sums of the log-likelihoods stay in float32."""
+    return torch.autocast(device.type, torch.bfloat16, enabled=enabled)
 
-    def __init__(self, depth=32):
+
+class Encoder(nn.Module):
+    """`(..., 3, 64, 64)` image in [-0.5, 0.5] -> `(..., 32 * depth)` embed (1024 by default).
+    With `bf16`, the convs run under bf16 autocast and the embed comes back in float32."""
+
+    def __init__(self, depth=32, bf16=False):
         super().__init__()
         self.embed_size = 32 * depth
+        self.bf16 = bf16
         self.convs = nn.Sequential(
             nn.Conv2d(3, depth, 4, stride=2), nn.ReLU(),
             nn.Conv2d(depth, 2 * depth, 4, stride=2), nn.ReLU(),
@@ -59,8 +67,9 @@ class Encoder(nn.Module):
 
     def forward(self, obs):
         batch_shape = obs.shape[:-3]
-        embed = self.convs(obs.reshape(-1, *obs.shape[-3:]))
-        return embed.reshape(*batch_shape, self.embed_size)
+        with conv_autocast(obs.device, self.bf16):
+            embed = self.convs(obs.reshape(-1, *obs.shape[-3:]))
+        return embed.float().reshape(*batch_shape, self.embed_size)
 
 
 def gaussian(params, mean_only=False):
@@ -208,11 +217,13 @@ def features(belief, state):
 
 
 class ObservationModel(nn.Module):
-    """Features `(..., F)` -> mean of N(o_t, 1), `(..., 3, 64, 64)`."""
+    """Features `(..., F)` -> mean of N(o_t, 1), `(..., 3, 64, 64)`. With `bf16`, the layers run
+    under bf16 autocast and the image comes back in float32."""
 
-    def __init__(self, feature_size=230, depth=32):
+    def __init__(self, feature_size=230, depth=32, bf16=False):
         super().__init__()
         self.embed_size = 32 * depth
+        self.bf16 = bf16
         self.fc = nn.Linear(feature_size, self.embed_size)  # No activation (official).
         self.deconvs = nn.Sequential(
             nn.ConvTranspose2d(self.embed_size, 4 * depth, 5, stride=2), nn.ReLU(),
@@ -223,8 +234,10 @@ class ObservationModel(nn.Module):
 
     def forward(self, feature):
         batch_shape = feature.shape[:-1]
-        hidden = self.fc(feature).reshape(-1, self.embed_size, 1, 1)
-        return self.deconvs(hidden).reshape(*batch_shape, 3, 64, 64)
+        with conv_autocast(feature.device, self.bf16):
+            hidden = self.fc(feature).reshape(-1, self.embed_size, 1, 1)
+            image = self.deconvs(hidden)
+        return image.float().reshape(*batch_shape, 3, 64, 64)
 
 
 class RewardModel(nn.Module):
@@ -247,15 +260,16 @@ class RewardModel(nn.Module):
 class WorldModel(nn.Module):
     """The four networks trained together; one `state_dict` holds them all. `rssm` is the
     transition model: PlaNet's RSSM, or with `model` one of the designs of Figure 4 (MODELS),
-    which share its interface (`TransitionModel`)."""
+    which share its interface (`TransitionModel`). `bf16` runs the encoder and the decoder under
+    bf16 autocast (`--bf16`), a setting of the computation, not of the weights."""
 
     def __init__(self, action_size, belief_size=200, state_size=30, hidden_size=200,
-                 cnn_depth=32, reward_hidden_size=300, model="rssm"):
+                 cnn_depth=32, reward_hidden_size=300, model="rssm", bf16=False):
         super().__init__()
-        self.encoder = Encoder(cnn_depth)
+        self.encoder = Encoder(cnn_depth, bf16)
         self.rssm = transition_model(model, action_size, belief_size, state_size, hidden_size,
                                      self.encoder.embed_size)
-        self.observation_model = ObservationModel(self.rssm.feature_size, cnn_depth)
+        self.observation_model = ObservationModel(self.rssm.feature_size, cnn_depth, bf16)
         self.reward_model = RewardModel(self.rssm.feature_size, reward_hidden_size)
 
     def loss(self, obs, actions, rewards, free_nats=3.0, reward_scale=10.0,

@@ -48,7 +48,8 @@ BASELINE_STYLE = {"PlaNet": ("tab:red", "PlaNet, paper (1000 episodes)"),
                   "D4PG": ("tab:gray", "D4PG, paper (pixels, 100k episodes)")}
 # Settings that tell runs apart without changing the method: never what makes a variant.
 NOT_A_VARIANT = ("seed", "log_dir", "device", "episodes", "nan_policy", "compile_planner",
-                 "checkpoint_interval")
+                 "checkpoint_interval", "capture_planner", "compile_update", "replay_on_device", "tf32",
+                 "bf16")
 VARIANT_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink",
                   "tab:olive", "tab:cyan")
 

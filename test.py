@@ -68,7 +68,7 @@ def main(argv=None):
         if args.random:
             agent = RandomAgent(envs.single_action_space.shape[0], np.random.default_rng(seed), parallel)
         else:
-            agent = Agent(model, config.planner, config.bit_depth, batch_size=parallel)
+            agent = Agent(model, config.planner, config.bit_depth, batch_size=parallel, plan=config.plan(device))
         for first in range(0, args.episodes, parallel):
             # The last round may need fewer episodes; its spare envs play and are left out.
             episodes = play_episodes(envs, agent, test_seeds(seed, first, parallel), on_frames)

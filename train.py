@@ -21,14 +21,14 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from agent import (Agent, compiled_rollout_returns, planner_policy, play_episode, play_episodes,
-                   random_policy, rollout_returns)
+from agent import (Agent, captured_cem_plan, cem_plan, compiled_rollout_returns, planner_policy,
+                   play_episode, play_episodes, random_policy, rollout_returns)
 from model import MODELS, WorldModel
-from utils import (BatchPrefetcher, ReplayBuffer, append_jsonl, atomic_write, derive_seed,
-                   episode_index, episode_paths, global_rng_state, keep_freed_memory, load_episode,
-                   open_loop_errors, open_loop_frames, pack_random_state, read_jsonl, resolve_device,
-                   save_episode, set_global_rng_state, set_seed_everywhere, unpack_random_state, write_json,
-                   write_jsonl)
+from utils import (BatchPrefetcher, DeviceReplayBuffer, ReplayBuffer, append_jsonl, atomic_write,
+                   derive_seed, episode_index, episode_paths, global_rng_state, keep_freed_memory,
+                   load_episode, open_loop_errors, open_loop_frames, pack_random_state, read_jsonl,
+                   resolve_device, save_episode, set_global_rng_state, set_matmul_precision,
+                   set_seed_everywhere, unpack_random_state, write_json, write_jsonl)
 from wrappers import default_action_repeat, make_env, make_parallel_envs, parse_task
 
 CHECKPOINT = "checkpoint.pt"
@@ -39,7 +39,8 @@ POSITIVE = ("episodes", "seed_episodes", "collect_interval", "batch_size", "chun
             "top_candidates", "test_interval", "test_episodes", "checkpoint_interval", "belief_size",
             "state_size", "hidden_size", "reward_hidden_size", "cnn_depth", "bit_depth")
 # Every other setting stays the run's own on --resume.
-RESUME_MAY_CHANGE = ("episodes", "device", "nan_policy", "compile_planner")
+SPEED_PATHS = ("capture_planner", "compile_update", "replay_on_device", "tf32", "bf16")
+RESUME_MAY_CHANGE = ("episodes", "device", "nan_policy", "compile_planner") + SPEED_PATHS
 
 
 def option(default, help):
@@ -74,6 +75,18 @@ class Config:
     top_candidates: int = option(100, "best sequences the belief is refit to (K)")
     compile_planner: bool = option(False, "torch.compile the planner's rollout: fused elementwise "
                                    "ops, the same function up to float rounding, compiled at the first step")
+    # Speed paths for a GPU, each the same function up to float rounding (tests/test_device.py
+    # checks it on the device: `python bench.py --check` runs them there); off until shown there.
+    capture_planner: bool = option(False, "torch.compile the whole CEM call, on CUDA as one CUDA "
+                                   "graph (mode reduce-overhead); supersedes --compile-planner")
+    compile_update: bool = option(False, "torch.compile the loss, and so its backward, on CUDA as "
+                                  "CUDA graphs of the whole L-step unroll (mode reduce-overhead)")
+    replay_on_device: bool = option(False, "keep the replay buffer on the device (uint8 frames) and "
+                                    "sample batches by indexing there, with no host copy")
+    tf32: bool = option(False, "CUDA only: float32 matmuls and convolutions on TF32 tensor cores "
+                        "(off: full float32, convolutions included)")
+    bf16: bool = option(False, "run the encoder and decoder under bf16 autocast (outputs, RSSM and "
+                        "losses stay float32)")
     # Evaluation and saving.
     test_interval: int = option(10, "episodes between noise-free tests")
     test_episodes: int = option(10, "episodes per test")
@@ -103,9 +116,15 @@ class Config:
 
     @property
     def planner(self):
+        """The keyword arguments of `cem_plan`."""
+        compiled = self.compile_planner and not self.capture_planner  # Else compiled whole, or not.
         return {"horizon": self.horizon, "iterations": self.iterations,
                 "candidates": self.candidates, "top_candidates": self.top_candidates,
-                "rollout": compiled_rollout_returns() if self.compile_planner else rollout_returns}
+                "rollout": compiled_rollout_returns() if compiled else rollout_returns}
+
+    def plan(self, device):
+        """The CEM function that agents on `device` call with `planner`."""
+        return captured_cem_plan(torch.device(device).type) if self.capture_planner else cem_plan
 
 
 # Smaller settings for a machine without a GPU. Each keeps the paper's method (the same model
@@ -202,7 +221,13 @@ def parse_args(argv=None):
 
 def build_model(config, action_size):
     return WorldModel(action_size, config.belief_size, config.state_size, config.hidden_size,
-                      config.cnn_depth, config.reward_hidden_size, config.model)
+                      config.cnn_depth, config.reward_hidden_size, config.model, config.bf16)
+
+
+def build_replay(config, device):
+    if config.replay_on_device:
+        return DeviceReplayBuffer(config.chunk_length, config.buffer_capacity, config.seed, device)
+    return ReplayBuffer(config.chunk_length, config.buffer_capacity, seed=config.seed)
 
 
 # --- Reading runs back. Each raises ValueError with a one-line reason. ---
@@ -248,6 +273,7 @@ def read_checkpoint(run_dir, config, model, device):
 def load_run(run_dir, device):
     """The config, the model (in eval mode) and the checkpoint of a run, e.g. one still training."""
     config = read_config(run_dir)
+    set_matmul_precision(device, config.tf32)
     model = build_model(config, make_env(config.task).action_size).to(device)
     checkpoint = read_checkpoint(run_dir, config, model, device)
     model.eval()
@@ -256,16 +282,38 @@ def load_run(run_dir, device):
 
 # --- One update and C of them. ---
 
-def update(model, optimizer, batch, config, step):
+def compile_loss(model, device):
+    """--compile-update: `model.loss` through `torch.compile`, which also compiles its backward
+    (AOTAutograd). On CUDA both become CUDA graphs (`triton.cudagraphs`, what mode reduce-overhead
+    sets), so that the L-step RSSM unroll launches as a few graphs instead of thousands of small
+    kernels. Random draws stay eager PyTorch's (`fallback_random`): a seed gives the eager loss up
+    to float rounding. Gradient clipping and Adam stay eager: a handful of multi-tensor kernels.
+    Compiles at the first call."""
+    cuda = torch.device(device).type == "cuda"
+    options = {"fallback_random": True, **({"triton.cudagraphs": True} if cuda else {})}
+    compiled = torch.compile(model.loss, dynamic=False, options=options)
+
+    def loss(*args):
+        if cuda:  # A new training step: the previous one's backward has run.
+            torch.compiler.cudagraph_mark_step_begin()
+        total, terms = compiled(*args)
+        # A CUDA graph's outputs are overwritten by its next replay: keep copies of the terms.
+        return total, {name: value.clone() for name, value in terms.items()}
+
+    return loss
+
+
+def update(model, optimizer, batch, config, step, loss_fn=None):
     """Gradient step number `step` (from 0) on a batch of preprocessed chunks `(obs, actions,
-    rewards)` on the model's device. Returns the detached loss terms; no host sync unless
-    --nan-policy skip, which must look at the loss before stepping."""
+    rewards)` on the model's device, with `model.loss` or `loss_fn` (`compile_loss`). Returns the
+    detached loss terms; no host sync unless --nan-policy skip, which must look at the loss
+    before stepping."""
     warmup = min(1.0, step / config.warmup_updates) if config.warmup_updates else 1.0
     for group in optimizer.param_groups:
         group["lr"] = config.learning_rate * warmup
     obs, actions, rewards = batch
-    loss, terms = model.loss(obs, actions, rewards, config.free_nats, config.reward_scale,
-                             config.overshooting_distance, config.overshooting_kl_beta)
+    loss, terms = (loss_fn or model.loss)(obs, actions, rewards, config.free_nats, config.reward_scale,
+                                          config.overshooting_distance, config.overshooting_kl_beta)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip_norm)
@@ -276,7 +324,7 @@ def update(model, optimizer, batch, config, step):
     return terms
 
 
-def train_model(model, optimizer, buffer, config, device, generator, first_update):
+def train_model(model, optimizer, buffer, config, device, generator, first_update, loss_fn=None):
     """C updates on batches prefetched in the background, their dequantisation noise drawn from
     `generator`. Returns their mean terms; raises FloatingPointError naming the first non-finite
     update unless --nan-policy skip."""
@@ -284,7 +332,7 @@ def train_model(model, optimizer, buffer, config, device, generator, first_updat
     start = time.perf_counter()
     batches = BatchPrefetcher(buffer, config.batch_size, config.collect_interval, device,
                               config.bit_depth, generator)
-    history = [update(model, optimizer, batch, config, first_update + i)
+    history = [update(model, optimizer, batch, config, first_update + i, loss_fn)
                for i, batch in enumerate(batches)]
     model.eval()
     terms = {name: torch.stack([h[name] for h in history]).cpu() for name in history[0]}
@@ -311,7 +359,8 @@ def test(model, envs, config, first_index, run_dir):
     """Noise-free planner episodes in the parallel `envs`, one each, saved from `first_index` on.
     Returns the metrics (returns and the model's open-loop errors, see `open_loop_errors`) and a
     strip of ground truth (top) over open-loop prediction (bottom) for the first episode."""
-    agent = Agent(model, config.planner, config.bit_depth, batch_size=envs.num_envs)
+    agent = Agent(model, config.planner, config.bit_depth, batch_size=envs.num_envs,
+                  plan=config.plan(next(model.parameters()).device))
     episodes = play_episodes(envs, agent, test_seeds(config.seed, first_index, envs.num_envs))
     for i, episode in enumerate(episodes):
         save_episode(Path(run_dir) / "episodes" / "test", first_index + i, episode)
@@ -353,6 +402,7 @@ class Workspace:
     def __init__(self, config, run_dir, resume=False):
         self.config, self.run_dir = config, Path(run_dir)
         self.device = resolve_device(config.device)
+        set_matmul_precision(self.device, config.tf32)
         set_seed_everywhere(config.seed)
         self.rng = np.random.default_rng(config.seed)  # Seed episodes' random actions.
         self.env = make_env(config.task, config.seed, config.action_repeat, config.max_episode_length)
@@ -360,10 +410,11 @@ class Workspace:
         self.model = build_model(config, self.env.action_size).to(self.device).eval()
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.learning_rate,
                                           eps=config.adam_epsilon)
-        self.buffer = ReplayBuffer(config.chunk_length, config.buffer_capacity, seed=config.seed)
+        self.loss_fn = compile_loss(self.model, self.device) if config.compile_update else None
+        self.buffer = build_replay(config, self.device)
         # The batches' dequantisation noise: a stream of its own, apart from torch's global one.
         self.batch_noise = torch.Generator(self.device).manual_seed(derive_seed(config.seed, BATCH_NOISE_TAG))
-        self.agent = Agent(self.model, config.planner, config.bit_depth)
+        self.agent = Agent(self.model, config.planner, config.bit_depth, plan=config.plan(self.device))
         self.counters = {"episodes": 0, "env_steps": 0, "updates": 0, "test_episodes": 0}
         if resume:
             self.restore()
@@ -445,7 +496,7 @@ class Workspace:
             seeding = counters["episodes"] < config.seed_episodes
             if not seeding:
                 metrics = train_model(self.model, self.optimizer, self.buffer, config, self.device,
-                                      self.batch_noise, counters["updates"])
+                                      self.batch_noise, counters["updates"], self.loss_fn)
                 counters["updates"] += config.collect_interval
             if seeding or config.collect == "random":
                 policy = random_policy(self.env.action_size, self.rng)

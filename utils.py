@@ -1,6 +1,7 @@
 """Replay buffer, episode files, bit-depth pre/post-processing and small shared helpers."""
 import contextlib
 import ctypes
+import functools
 import io
 import json
 import os
@@ -110,18 +111,71 @@ class ReplayBuffer:
         lengths = np.array([len(episode["reward"]) for episode in self.episodes])
         self._starts = np.maximum(lengths - self.chunk_length + 1, 0)
 
-    def sample(self, batch_size):
-        """-> obs uint8 `(L, B, 3, 64, 64)`, actions `(L, B, A)`, rewards `(L, B)` (time-major)."""
+    def chunk_starts(self, batch_size):
+        """Draw `B` chunks: -> their episodes' positions in `self.episodes` and their offsets, `(B,)`."""
         cumulative = np.cumsum(self._starts)
         if len(cumulative) == 0 or cumulative[-1] == 0:
             raise ValueError(f"no episode holds a chunk of {self.chunk_length} steps yet")
         flat = self.rng.integers(cumulative[-1], size=batch_size)
         index = np.searchsorted(cumulative, flat, side="right")
-        offset = flat - (cumulative[index] - self._starts[index])
+        return index, flat - (cumulative[index] - self._starts[index])
+
+    def sample(self, batch_size):
+        """-> obs uint8 `(L, B, 3, 64, 64)`, actions `(L, B, A)`, rewards `(L, B)` (time-major)."""
+        index, offset = self.chunk_starts(batch_size)
         chunks = [{key: value[o:o + self.chunk_length] for key, value in self.episodes[i].items()}
                   for i, o in zip(index, offset)]
         return tuple(np.stack([chunk[key] for chunk in chunks], axis=1)
                      for key in ("obs", "action", "reward"))
+
+
+class DeviceReplayBuffer(ReplayBuffer):
+    """The replay buffer kept on the device (`--replay-on-device`): every step in memory lies in
+    one flat tensor per key (obs as uint8), episode after episode, and a batch is one gather there,
+    with no copy from the host. It draws its chunks exactly as `ReplayBuffer` does (the same
+    generator, the same `chunk_starts`), so a seed gives the same batches on either.
+
+    The flat tensors grow by doubling; when the oldest episodes leave memory, the rest move down.
+    `sample` returns tensors on the device: obs `(L, B, 3, 64, 64)` uint8, actions `(L, B, A)`,
+    rewards `(L, B)`.
+    """
+
+    KEYS = ("obs", "action", "reward")
+
+    def __init__(self, chunk_length, capacity=1_000_000, seed=0, device="cpu"):
+        super().__init__(chunk_length, capacity, seed)
+        self.device = torch.device(device)
+        self._flat = None  # key -> tensor (capacity, ...), the first `self._used` rows filled.
+        self._used = 0
+        self._first = np.zeros(0, dtype=np.int64)  # Each episode's first row.
+
+    def add(self, episode):
+        length = len(episode["reward"])
+        if self._flat is None:
+            self._flat = {key: torch.empty((length, *episode[key].shape[1:]), device=self.device,
+                                           dtype=torch.from_numpy(episode[key][:1]).dtype) for key in self.KEYS}
+        if self._used + length > len(self._flat["reward"]):
+            size = max(2 * len(self._flat["reward"]), self._used + length)
+            self._flat = {key: torch.cat([value[:self._used], value.new_empty((size - self._used, *value.shape[1:]))])
+                          for key, value in self._flat.items()}
+        for key in self.KEYS:
+            self._flat[key][self._used:self._used + length] = torch.from_numpy(episode[key]).to(self.device)
+        self._used += length
+        # Only the lengths stay on the host; `self.episodes` keeps what ReplayBuffer needs of them.
+        super().add({"reward": episode["reward"]})
+        lengths = np.array([len(e["reward"]) for e in self.episodes])
+        dropped = self._used - lengths.sum()
+        if dropped:  # The oldest episodes left: move the rest down.
+            for value in self._flat.values():
+                value[:self._used - dropped] = value[dropped:self._used].clone()
+            self._used -= dropped
+        self._first = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+
+    def sample(self, batch_size):
+        index, offset = self.chunk_starts(batch_size)
+        rows = torch.as_tensor(self._first[index] + offset, device=self.device)
+        rows = rows + torch.arange(self.chunk_length, device=self.device)[:, None]  # (L, B)
+        return tuple(self._flat[key][rows] for key in self.KEYS)
 
 
 class BatchPrefetcher:
@@ -142,17 +196,17 @@ class BatchPrefetcher:
 
     def batch(self):
         """One batch, made in the calling thread."""
-        obs, actions, rewards = self.buffer.sample(self.batch_size)
-        obs, actions, rewards = (torch.from_numpy(x) for x in (obs, actions, rewards))
-        if self.device.type == "cuda":  # Page-locked memory lets the copies run asynchronously.
-            obs, actions, rewards = (x.pin_memory() for x in (obs, actions, rewards))
-        obs, actions, rewards = (x.to(self.device, non_blocking=True) for x in (obs, actions, rewards))
+        obs, actions, rewards = (torch.as_tensor(x) for x in self.buffer.sample(self.batch_size))
+        if obs.device != self.device:  # From the host; a DeviceReplayBuffer's are there already.
+            if self.device.type == "cuda":  # Page-locked memory lets the copies run asynchronously.
+                obs, actions, rewards = (x.pin_memory() for x in (obs, actions, rewards))
+            obs, actions, rewards = (x.to(self.device, non_blocking=True) for x in (obs, actions, rewards))
         return preprocess_observation(obs, self.bit_depth, self.generator), actions, rewards
 
     def _produce(self):
         try:
             # On a GPU the copies and preprocessing run on a side stream that the consumer waits on.
-            stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+            stream = side_stream(self.device) if self.device.type == "cuda" else None
             with torch.cuda.stream(stream) if stream else contextlib.nullcontext():
                 for _ in range(self.count):
                     batch = self.batch()
@@ -190,6 +244,13 @@ class BatchPrefetcher:
         finally:
             self._stop.set()
             thread.join()
+
+
+@functools.cache
+def side_stream(device):
+    """One side stream per GPU for the prefetcher. A new stream per call would strand memory: the
+    caching allocator keeps freed blocks per stream, and new streams rotate through a pool of 32."""
+    return torch.cuda.Stream(device)
 
 
 @torch.no_grad()
@@ -310,6 +371,15 @@ def resolve_device(name):
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) here")
     return device
+
+
+def set_matmul_precision(device, tf32):
+    """On CUDA, float32 matmuls and cuDNN convolutions on TF32 tensor cores (`--tf32`: a 10-bit
+    mantissa) or in full float32, cuDNN's convolutions included, which PyTorch otherwise runs in
+    TF32. The paper's V100 had no TF32. A CPU keeps PyTorch's defaults."""
+    if torch.device(device).type == "cuda":
+        torch.set_float32_matmul_precision("high" if tf32 else "highest")
+        torch.backends.cudnn.allow_tf32 = tf32
 
 
 def write_json(path, data):

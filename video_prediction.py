@@ -93,7 +93,8 @@ def main(argv=None):
     else:
         env = make_env(config.task, test_seeds(seed, 0, 1)[0], config.action_repeat,
                        min(config.max_episode_length, total * config.action_repeat))
-        episode = play_episode(env, planner_policy(Agent(model, config.planner, config.bit_depth)))
+        agent = Agent(model, config.planner, config.bit_depth, plan=config.plan(device))
+        episode = play_episode(env, planner_policy(agent))
     if len(episode["reward"]) < total:
         sys.exit(f"error: the episode has {len(episode['reward'])} frames, fewer than "
                  f"--context + --length = {total}")

@@ -21,6 +21,27 @@ TINY_FLAGS = [
 ] + [arg for name, value in TINY_MODEL.items() for arg in ("--" + name.replace("_", "-"), str(value))]
 
 
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cpu",
+                     help="device of the tests marked `device` (cpu, cuda or cuda:N); the check of "
+                          "`python bench.py --check` runs them on the GPU with -m device")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "device: runs on --device; compares it with the CPU and the "
+                                       "speed paths with eager PyTorch")
+
+
+@pytest.fixture
+def device(request):
+    import torch
+    from utils import resolve_device
+    try:
+        return resolve_device(request.config.getoption("--device"))
+    except ValueError as error:
+        pytest.exit(f"pytest --device: {error}", returncode=4)
+
+
 @pytest.fixture
 def tiny_model():
     from model import WorldModel

@@ -1,0 +1,194 @@
+"""The device computes what the CPU computes, and each speed path computes what eager PyTorch does.
+
+These tests take `--device` (default cpu). On a GPU, `python -m pytest -m device --device cuda
+tests` runs them there; `python bench.py --check` does, and turns on in its training run only the
+speed paths whose tests passed. On the CPU they run every line of the speed paths but the CUDA
+graphs (which Inductor adds around the same compiled code) and compare the CPU with itself.
+
+Tolerances, relative to the eager float32 computation on the CPU, over a few steps of a small
+model: float32 paths 1e-4 on each loss term and 1e-3 on the gradients (compiled kernels sum in
+another order), TF32 (a 10-bit mantissa) 1e-2, bf16 autocast of the convolutions (8 bits) 5e-2.
+Gradients are compared as whole vectors: their norms within the tolerance, their directions
+within cosine 1 - tolerance / 10.
+"""
+import numpy as np
+import pytest
+import torch
+
+from agent import captured_cem_plan, cem_plan
+from conftest import TINY_FLAGS, TINY_MODEL, make_episode
+from model import WorldModel
+from train import Config, compile_loss, load_run, main as train_main, update
+from utils import DeviceReplayBuffer, ReplayBuffer, preprocess_observation, set_matmul_precision
+
+pytestmark = pytest.mark.device
+
+SPEED_PATHS = {  # Path name -> its Config settings; `all` is all at once. Those that compile last.
+    "tf32": {"tf32": True},
+    "bf16": {"bf16": True},
+    "compile_update": {"compile_update": True},
+    "all": {"compile_update": True, "tf32": True, "bf16": True},
+}
+TOLERANCE = {"eager": 1e-4, "compile_update": 1e-4, "tf32": 1e-2, "bf16": 5e-2, "all": 5e-2}
+
+
+@pytest.fixture(autouse=True)
+def restore_matmul_precision():
+    """--tf32 sets process-wide flags: leave them as they were."""
+    precision, cudnn_tf32 = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    yield
+    torch.set_float32_matmul_precision(precision)
+    torch.backends.cudnn.allow_tf32 = cudnn_tf32
+
+
+def fixed_batch(action_size=2, steps=3, batch=4, seed=0):
+    """Preprocessed chunks on the CPU, the same on every device: obs `(L, B, 3, 64, 64)`."""
+    rng = np.random.default_rng(seed)
+    obs = torch.from_numpy(rng.integers(0, 256, (steps, batch, 3, 64, 64), dtype=np.uint8))
+    obs = preprocess_observation(obs, 5, torch.Generator().manual_seed(seed))
+    actions = torch.from_numpy(rng.uniform(-1, 1, (steps, batch, action_size)).astype(np.float32))
+    rewards = torch.from_numpy(rng.uniform(0, 1, (steps, batch)).astype(np.float32))
+    return obs, actions, rewards
+
+
+def update_step(config, device, weights, batch, seed=0):
+    """One `train.update` of a copy of `weights` on `device` with `config`'s speed paths.
+    -> the loss terms and the flat gradient, on the CPU."""
+    set_matmul_precision(device, config.tf32)
+    model = WorldModel(2, **TINY_MODEL, model=config.model, bf16=config.bf16).to(device)
+    model.load_state_dict(weights)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, eps=config.adam_epsilon)
+    loss_fn = compile_loss(model, device) if config.compile_update else None
+    torch.manual_seed(seed)  # The posterior samples' noise (the CUDA generator too).
+    terms = update(model, optimizer, [x.to(device) for x in batch], config, 1000, loss_fn)
+    gradient = torch.cat([p.grad.flatten() for p in model.parameters()]).cpu()
+    return {name: float(value) for name, value in terms.items()}, gradient
+
+
+def assert_same_step(step, reference, tolerance):
+    (terms, gradient), (expected_terms, expected_gradient) = step, reference
+    for name, value in expected_terms.items():
+        assert terms[name] == pytest.approx(value, rel=tolerance, abs=tolerance), name
+    assert gradient.norm() == pytest.approx(expected_gradient.norm(), rel=tolerance)
+    cosine = torch.nn.functional.cosine_similarity(gradient, expected_gradient, dim=0)
+    assert cosine > 1 - tolerance / 10, f"gradient direction differs: cosine {cosine:.6f}"
+
+
+@pytest.mark.parametrize("path", ["eager", *SPEED_PATHS])
+def test_update_step_matches_the_cpu(path, device):
+    """The deterministic model (`--model gru`: no random draws, so that devices compare) takes
+    the same step on the device, with the path, as eager on the CPU."""
+    if path == "eager" and device.type == "cpu":
+        pytest.skip("the CPU against itself")
+    config = Config(model="gru", batch_size=4, chunk_length=3, **SPEED_PATHS.get(path, {}))
+    weights = WorldModel(2, **TINY_MODEL, model="gru").state_dict()
+    batch = fixed_batch()
+    reference = update_step(Config(model="gru"), torch.device("cpu"), weights, batch)
+    step = update_step(config, device, weights, batch)
+    assert_same_step(step, reference, TOLERANCE[path])
+    if config.bf16 or (config.tf32 and device.type == "cuda"):  # Lower precision is really on.
+        assert step[0]["image"] != reference[0]["image"]
+
+
+@pytest.mark.parametrize("path", ["compile_update"])
+def test_update_step_with_samples_matches_eager_on_the_device(path, device):
+    """The RSSM with its posterior samples: the compiled loss draws the eager noise
+    (`fallback_random`), so a seed gives the eager step on the same device."""
+    config = Config(batch_size=4, chunk_length=3, **SPEED_PATHS[path])
+    weights = WorldModel(2, **TINY_MODEL).state_dict()
+    batch = fixed_batch()
+    reference = update_step(Config(), device, weights, batch, seed=3)
+    assert_same_step(update_step(config, device, weights, batch, seed=3), reference, TOLERANCE[path])
+
+
+@pytest.mark.parametrize("path", ["tf32", "capture_planner", "all"])
+def test_cem_plan_matches_eager(path, device):
+    """--capture-planner (and TF32): seed for seed, the eager plan, for two calls in a row with
+    different beliefs (a replayed CUDA graph must read its new inputs)."""
+    settings = {"capture_planner": {"capture_planner": True}, "tf32": {"tf32": True},
+                "all": {"capture_planner": True, "tf32": True}}[path]
+    config = Config(horizon=3, iterations=2, candidates=64, top_candidates=8, **settings)
+    model = WorldModel(2, **TINY_MODEL).to(device).eval()
+    generator = torch.Generator().manual_seed(0)
+    inputs = [(torch.randn(3, 16, generator=generator).to(device), torch.randn(3, 4, generator=generator).to(device))
+              for _ in range(2)]
+    plans = {}
+    for name, plan in (("eager", cem_plan), (path, config.plan(device))):
+        set_matmul_precision(device, name != "eager" and config.tf32)
+        plans[name] = []
+        for i, (belief, state) in enumerate(inputs):
+            torch.manual_seed(10 + i)
+            plans[name].append(plan(model.rssm, model.reward_model, belief, state, **config.planner).cpu())
+    tolerance = 1e-4 if path == "capture_planner" else 1e-2
+    for ours, eager in zip(plans[path], plans["eager"]):
+        torch.testing.assert_close(ours, eager, rtol=tolerance, atol=tolerance)
+    assert not torch.equal(plans[path][0], plans[path][1]), "the second call returned the first plan"
+
+
+def test_device_replay_samples_what_the_host_replay_samples(device):
+    """--replay-on-device: the same chunks as the host buffer for a seed, inside one episode each,
+    also after the oldest episodes leave memory and after a resume from the generator's state.
+    Frames preprocessed there carry dequantisation noise inside their bin: [0, 1/2^5)."""
+    host = ReplayBuffer(chunk_length=6, capacity=120, seed=5)
+    ours = DeviceReplayBuffer(chunk_length=6, capacity=120, seed=5, device=device)
+    lengths = [30, 5, 12, 40, 7, 33, 20]
+    for i, length in enumerate(lengths):
+        episode = make_episode(i, length)
+        host.add(episode)
+        ours.add(episode)
+        if i < 3:
+            continue  # Chunks from the first episodes, then after some have left memory.
+        for expected, sampled in zip(host.sample(16), ours.sample(16)):
+            assert sampled.device.type == device.type
+            np.testing.assert_array_equal(sampled.cpu().numpy(), expected)
+    assert ours.steps == host.steps <= 120 and len(ours.episodes) == len(host.episodes) < len(lengths)
+    obs = ours.sample(64)[0]
+    episode_ids, steps = obs[:, :, 0, 0, 0].long(), obs[:, :, 0, 0, 1].long()
+    assert (episode_ids == episode_ids[0]).all() and (steps.diff(dim=0) == 1).all()
+    # A resumed buffer: the same episodes and the generator's state give the same next batch.
+    resumed = DeviceReplayBuffer(chunk_length=6, capacity=120, seed=0, device=device)
+    for i, length in enumerate(lengths):
+        resumed.add(make_episode(i, length))
+    resumed.rng.bit_generator.state = ours.rng.bit_generator.state
+    for expected, sampled in zip(ours.sample(8), resumed.sample(8)):
+        assert torch.equal(sampled, expected)
+    x = preprocess_observation(obs, 5, torch.Generator(device).manual_seed(0))
+    noise = x + 0.5 - (obs >> 3).float() / 32
+    # U(0, 1) lies in [0, 1 - 2^-24], but next to a bin of 16 or more float32 rounds the top
+    # 2^-20 of it to the bin's upper edge: the edge itself is reached, never passed.
+    assert noise.min() >= 0 and noise.max() <= 1 / 32 and noise.max() - noise.min() > 0.9 / 32
+    assert (noise < 1 / 32).float().mean() > 1 - 1e-5
+
+
+def run_state(run_dir, device="cpu"):
+    checkpoint = torch.load(run_dir / "checkpoint.pt", map_location=device, weights_only=True)
+    return checkpoint["counters"], checkpoint["model"]
+
+
+def test_checkpoints_move_between_the_cpu_and_the_device(device, tmp_path, caplog):
+    """A run on the device with --replay-on-device, stopped after 3 episodes and resumed, is the
+    same run with the host replay, bit for bit; its checkpoint loads on the CPU and the CPU
+    resumes it; a CPU run resumes on the device."""
+    flags = TINY_FLAGS + ["--test-interval", "10", "--device", str(device), "--episodes", "3"]
+    for name, replay in (("host", []), ("ours", ["--replay-on-device"])):
+        train_main(flags + replay + ["--run-dir", str(tmp_path / name)])
+        train_main(["--resume", str(tmp_path / name), "--episodes", "4"])
+    (counters, model), (expected_counters, expected) = run_state(tmp_path / "ours"), run_state(tmp_path / "host")
+    assert counters == expected_counters and counters["episodes"] == 4
+    for name, value in expected.items():
+        assert torch.equal(model[name], value), name
+    # Written on the device, read on the CPU: test.py and video_prediction.py use load_run.
+    _, cpu_model, _ = load_run(tmp_path / "ours", torch.device("cpu"))
+    for name, value in cpu_model.state_dict().items():
+        assert value.device.type == "cpu" and torch.equal(value, expected[name].cpu()), name
+    caplog.clear()
+    train_main(["--resume", str(tmp_path / "ours"), "--episodes", "5", "--device", "cpu"])
+    assert run_state(tmp_path / "ours")[0]["episodes"] == 5
+    # And the reverse: a CPU run continues on the device.
+    train_main(TINY_FLAGS + ["--test-interval", "10", "--episodes", "3", "--run-dir", str(tmp_path / "cpu")])
+    train_main(["--resume", str(tmp_path / "cpu"), "--episodes", "4", "--device", str(device)])
+    counters, model = run_state(tmp_path / "cpu")
+    assert counters["episodes"] == 4 and all(value.device.type == "cpu" for value in model.values())
+    if device.type != "cpu":
+        assert "reseeded" in caplog.text
+
