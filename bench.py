@@ -1,8 +1,12 @@
 """Measure PlaNet's hot paths at the paper's sizes: `python bench.py [--device cuda] [--json FILE]`.
 
 Every figure is warm (after warm-up runs) and the median of repeated runs, printed with the
-number of runs and their spread (min-max). `--quick` shrinks the repeats and the training
-iteration to a seconds-long smoke run; its figures are not the benchmark.
+number of runs and their spread (min-max). `--quick` is a seconds-long smoke run: tiny models,
+batches and planner (`QUICK`), few repeats and a short training iteration; its figures are not
+the benchmark. The speed paths of
+train.py (`--compile-update`, `--capture-planner`, `--replay-on-device`, `--tf32`, `--bf16`) are
+flags here too. `python bench.py --check OUT_DIR --deadline SECONDS` checks and measures a GPU
+box end to end instead (check.py).
 """
 import argparse
 import contextlib
@@ -12,18 +16,23 @@ import logging
 import platform
 import resource
 import statistics
+import sys
 import time
 
 import numpy as np
 import torch
 
-from agent import Agent, cem_plan, planner_policy, play_episode, play_episodes
-from model import WorldModel
-from train import Config, test_seeds, train_model, update
-from utils import BatchPrefetcher, ReplayBuffer, keep_freed_memory, resolve_device
+import check
+from agent import Agent, planner_policy, play_episode, play_episodes
+from train import (SPEED_PATHS, Config, build_model, build_replay, compile_loss, test_seeds, train_model,
+                   update)
+from utils import BatchPrefetcher, keep_freed_memory, resolve_device, set_matmul_precision
 from wrappers import make_env, make_parallel_envs
 
 ENV_TASKS = ("cheetah-run", "cartpole-swingup")
+QUICK = {"batch_size": 4, "chunk_length": 8, "candidates": 16, "top_candidates": 4, "iterations": 2,
+         "horizon": 3, "belief_size": 16, "state_size": 4, "hidden_size": 16, "reward_hidden_size": 16,
+         "cnn_depth": 4}
 FIGURES = ("update", "plan", "env", "iteration", "test")
 
 
@@ -50,9 +59,9 @@ def summary(times):
     return {"median": statistics.median(times), "min": min(times), "max": max(times), "runs": len(times)}
 
 
-def filled_buffer(config, action_size, episodes, rng):
+def filled_buffer(config, action_size, episodes, rng, device):
     """A replay buffer of random cheetah-length episodes (random, not zeros: zeros can run faster)."""
-    buffer = ReplayBuffer(config.chunk_length, seed=0)
+    buffer = build_replay(config, device)
     length = config.max_episode_length // config.action_repeat
     for _ in range(episodes):
         buffer.add({"obs": rng.integers(0, 256, (length + 1, 3, 64, 64), dtype=np.uint8),
@@ -71,37 +80,40 @@ def stopwatch(times, name, device):
     times.setdefault(name, []).append(1000 * (time.perf_counter() - start))
 
 
-def bench_update(config, model, optimizer, buffer, device, repeats):
+def bench_update(config, model, optimizer, buffer, device, repeats, warmup):
     """The update step as the training loop runs it (batches prefetched in the background), and
     its parts: waiting for the batch, forward (the loss), backward + clipping + Adam. Also the
     cost of making one batch (sampling + transfer + preprocessing) in the foreground."""
     generator = torch.Generator(device).manual_seed(0)
-    batches = iter(BatchPrefetcher(buffer, config.batch_size, 2 * repeats + 2, device,
+    batches = iter(BatchPrefetcher(buffer, config.batch_size, 2 * repeats + 2 * warmup, device,
                                    config.bit_depth, generator))
+    loss_fn = compile_loss(model, device) if config.compile_update else model.loss
     model.train()
-    times = {"update": timed(lambda: update(model, optimizer, next(batches), config, 10_000), device, repeats)}
+    times = {"update": timed(lambda: update(model, optimizer, next(batches), config, 10_000, loss_fn),
+                             device, repeats, warmup)}
     parts = {}
-    for _ in range(repeats + 1):
+    for _ in range(repeats + warmup):
         with stopwatch(parts, "sample", device):
             data = next(batches)
         with stopwatch(parts, "forward", device):
-            loss = model.loss(*data, config.free_nats, config.reward_scale)[0]
+            loss = loss_fn(*data, config.free_nats, config.reward_scale)[0]
         with stopwatch(parts, "backward", device):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip_norm)
             optimizer.step()
     model.eval()
-    times.update({name: values[1:] for name, values in parts.items()})  # The first warmed up.
+    times.update({name: values[warmup:] for name, values in parts.items()})  # The first warmed up.
     batcher = BatchPrefetcher(buffer, config.batch_size, 1, device, config.bit_depth, generator)
     times["batch"] = timed(batcher.batch, device, repeats)
     return {name: summary(values) for name, values in times.items()}
 
 
-def bench_plan(config, model, device, repeats):
+def bench_plan(config, model, device, repeats, warmup):
     belief, state = model.rssm.initial(1, device)
-    return summary(timed(lambda: cem_plan(model.rssm, model.reward_model, belief, state,
-                                          **config.planner), device, repeats))
+    plan = config.plan(device)
+    return summary(timed(lambda: plan(model.rssm, model.reward_model, belief, state, **config.planner),
+                         device, repeats, warmup))
 
 
 def bench_env(task, steps):
@@ -122,12 +134,17 @@ def bench_iteration(config, model, optimizer, buffer, device, updates, episode_s
     """One training iteration as train.py runs it: `updates` model updates, then one episode
     collected with the planner and exploration noise. -> seconds."""
     env = make_env(config.task, seed=0, max_episode_length=episode_steps * config.action_repeat)
-    agent = Agent(model, config.planner, config.bit_depth)
+    agent = Agent(model, config.planner, config.bit_depth, plan=config.plan(device))
     generator = torch.Generator(device).manual_seed(0)
+    loss_fn = compile_loss(model, device) if config.compile_update else None
+    warm = dataclasses.replace(config, collect_interval=min(updates, 3))  # Compiled paths compile.
+    train_model(model, optimizer, buffer, warm, device, generator, 10_000, loss_fn)
+    play_episode(make_env(config.task, seed=1, max_episode_length=3 * config.action_repeat),
+                 planner_policy(agent, config.action_noise))
     sync(device)
     start = time.perf_counter()
     train_model(model, optimizer, buffer, dataclasses.replace(config, collect_interval=updates),
-                device, generator, 10_000)
+                device, generator, 10_000, loss_fn)
     play_episode(env, planner_policy(agent, config.action_noise))
     sync(device)
     return time.perf_counter() - start
@@ -140,7 +157,8 @@ def bench_test(config, model, device, episodes, decisions):
     rates = {}
     for parallel in (episodes, 1):
         with contextlib.closing(make_parallel_envs(config.task, parallel, config.action_repeat, length)) as envs:
-            agent = Agent(model, config.planner, config.bit_depth, batch_size=parallel)
+            agent = Agent(model, config.planner, config.bit_depth, batch_size=parallel,
+                          plan=config.plan(device))
             play_episodes(envs, agent, test_seeds(0, 0, parallel))  # Warm-up.
             sync(device)
             start = time.perf_counter()
@@ -151,18 +169,34 @@ def bench_test(config, model, device, episodes, decisions):
     return rates
 
 
+def speed_flag(name):
+    return "--" + name.replace("_", "-")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
-    parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run")
+    parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run at tiny sizes")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per figure (default 7; quick 2)")
     parser.add_argument("--figures", nargs="+", choices=FIGURES, default=list(FIGURES),
                         help="measure only these")
     parser.add_argument("--compile-planner", action="store_true",
                         help="plan with the compiled rollout, as train.py --compile-planner")
+    for name in SPEED_PATHS:
+        parser.add_argument(speed_flag(name), action="store_true", help=f"as train.py {speed_flag(name)}")
+    parser.add_argument("--check", metavar="OUT_DIR", default=None,
+                        help="check and measure this machine end to end instead (check.py): set-up, "
+                             "the device tests, the figures of each speed path, a training run "
+                             "killed and resumed, test.py and video_prediction.py; results in OUT_DIR")
+    parser.add_argument("--deadline", type=float, default=420,
+                        help="with --check: seconds for all of it; it ends by then, whatever hangs")
+    parser.add_argument("--work-dir", default=None,
+                        help="with --check: where the training run goes (default: a new temporary folder)")
     args = parser.parse_args(argv)
+    if args.check:
+        return check.main(args.check, args.deadline, args.device, args.quick, args.work_dir)
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
     keep_freed_memory()
     try:
@@ -172,22 +206,28 @@ def main(argv=None):
     repeats = args.repeats or (2 if args.quick else 7)
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
+    paths = {name: getattr(args, name) for name in SPEED_PATHS}
     # The paper's sizes: cheetah-run, B=50, L=50, H=12, I=10, J=1000, K=100.
-    config = Config(action_repeat=4, compile_planner=args.compile_planner)
+    config = Config(action_repeat=4, compile_planner=args.compile_planner, **paths,
+                    **(QUICK if args.quick else {}))
+    set_matmul_precision(device, config.tf32)
+    # Compiled paths compile at the first call and, on CUDA, record their graphs at the next.
+    warmup = 3 if config.compile_update or config.capture_planner else 1
     action_size = make_env(config.task).action_size
-    model = WorldModel(action_size).to(device).eval()
+    model = build_model(config, action_size).to(device).eval()
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, eps=config.adam_epsilon)
-    buffer = filled_buffer(config, action_size, episodes=4 if args.quick else 20, rng=rng)
+    buffer = filled_buffer(config, action_size, 4 if args.quick else 20, rng, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
                f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-               "torch": torch.__version__, "quick": args.quick, "compile_planner": args.compile_planner}
+               "torch": torch.__version__, "cuda": torch.version.cuda, "quick": args.quick,
+               "compile_planner": args.compile_planner, "speed_paths": [name for name, on in paths.items() if on]}
     spread, rows = {}, []  # rows: (name, summary, unit)
 
     if "update" in args.figures:
         logging.info("update step (B=%d, L=%d) ...", config.batch_size, config.chunk_length)
-        updates = bench_update(config, model, optimizer, buffer, device, repeats)
+        updates = bench_update(config, model, optimizer, buffer, device, repeats, warmup)
         for key, name in (("update", "update step"), ("sample", "  waiting for the prefetched batch"),
                           ("forward", "  forward (loss)"), ("backward", "  backward + clip + Adam"),
                           ("batch", "one batch: sample + transfer + preprocess")):
@@ -197,7 +237,7 @@ def main(argv=None):
     if "plan" in args.figures:
         logging.info("CEM planning call (H=%d, I=%d, J=%d, K=%d) ...", config.horizon, config.iterations,
                      config.candidates, config.top_candidates)
-        spread["plan"] = bench_plan(config, model, device, repeats)
+        spread["plan"] = bench_plan(config, model, device, repeats, warmup)
         results["plan_ms"] = spread["plan"]["median"]
         rows.append(("CEM planning call", spread["plan"], "ms"))
     if "env" in args.figures:
@@ -227,8 +267,9 @@ def main(argv=None):
         rows.append(("peak GPU memory", summary([results["peak_gpu_mb"]]), "MB"))
     results["spread"] = spread
 
-    print(f"\n{results['device']}, torch {torch.__version__}"
-          f"{', compiled planner' if args.compile_planner else ''}{' (quick: not the benchmark)' if args.quick else ''}")
+    flags = [speed_flag(name) for name in results["speed_paths"]] + ["--compile-planner"] * args.compile_planner
+    print(f"\n{results['device']}, torch {torch.__version__}{', ' + ' '.join(flags) if flags else ', eager'}"
+          f"{' (quick: not the benchmark)' if args.quick else ''}")
     print(f"{'figure':42} {'median':>10} {'min':>10} {'max':>10} {'runs':>5}")
     for name, stats, unit in rows:
         print(f"{name:42} {stats['median']:>10.1f} {stats['min']:>10.1f} {stats['max']:>10.1f} {stats['runs']:>5}  {unit}")
@@ -238,4 +279,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

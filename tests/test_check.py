@@ -1,0 +1,119 @@
+"""`bench.py --check`: every step runs, by the deadline, whatever another step does."""
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import check
+from conftest import ROOT
+
+DEADLINE = 150
+
+
+@pytest.fixture(scope="module")
+def quick_check(tmp_path_factory):
+    out, work = tmp_path_factory.mktemp("out"), tmp_path_factory.mktemp("work")
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, "bench.py", "--check", str(out), "--deadline", str(DEADLINE),
+                             "--quick", "--device", "cpu", "--work-dir", str(work)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=DEADLINE + 60)
+    return result, out, work, time.monotonic() - start
+
+
+def test_quick_check_runs_every_step_by_the_deadline(quick_check):
+    result, out, _, seconds = quick_check
+    summary = json.loads((out / "summary.json").read_text())
+    assert seconds < DEADLINE + 10, "it ran past its deadline"
+    assert list(summary["steps"]) == list(check.SHARES)
+    assert all(step["status"] == "ok" for step in summary["steps"].values()), summary["steps"]
+    assert result.returncode == 0, result.stderr
+    for name in check.SHARES:  # The table at the end names every step.
+        assert f"\n{name} " in "\n" + result.stdout
+    setup = summary["setup"]
+    assert setup["torch"] and setup["mujoco"] == "3.17.0" and setup["gl_renderer"]
+    # On this machine MuJoCo renders with Mesa's llvmpipe: software, and the check says so.
+    assert setup["software_rendering"] == ("llvmpipe" in setup["gl_renderer"])
+    tests = summary["correctness"]["tests"]
+    assert tests["test_update_step_matches_the_cpu[tf32]"] == "passed"
+    assert summary["correctness"]["paths"]["tf32"] == "passed"
+    assert summary["correctness"]["paths"]["compile_update"] == "untested"  # Left out by --quick.
+    assert summary["figures"]["eager"]["update_ms"] > 0 and summary["figures"]["eager"]["plan_ms"] > 0
+    assert summary["figures"]["tf32"]["speed_paths"] == ["tf32"]
+
+
+def test_quick_check_kills_resumes_and_evaluates_the_run(quick_check):
+    _, out, work, _ = quick_check
+    summary = json.loads((out / "summary.json").read_text())
+    training = summary["training"]
+    assert "--tf32" in training["command"] and training["speed_paths"] == ["tf32"]
+    assert training["resumed"] and 0 < training["killed_after_episodes"] < training["episodes"]
+    assert training["updates"] > 0 and training["tests"], training
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["episodes"] for m in metrics] == list(range(1, training["episodes"] + 1))
+    assert len(summary["evaluation"]["returns"]) == 2
+    assert (out / "prediction.gif").read_bytes()[:6] == b"GIF89a"
+    assert "resumed " in (out / "check.log").read_text()
+    # What comes back from a GPU box: at most 8 files, none over 16 MiB or deeper than one folder.
+    files = [path for path in out.rglob("*") if path.is_file()]
+    assert len(files) <= 8 and all(path.stat().st_size < 16 * 2**20 for path in files)
+    assert all(len(path.relative_to(out).parts) <= 2 for path in files)
+    assert (work / "run" / "checkpoint.pt").exists()
+
+
+def test_a_step_that_hangs_or_raises_is_recorded_and_the_next_one_runs(tmp_path, monkeypatch):
+    """A step is stopped at its budget, its child processes with it; an error inside the check
+    itself is recorded too; and the summary is on disk after each step."""
+    ours = check.Check(tmp_path / "out", deadline=60, device="cpu", quick=True, work_dir=tmp_path / "work")
+    child = tmp_path / "child.pid"
+    hang = [sys.executable, "-c", "import os, subprocess, sys, time; "
+            f"open({str(child)!r}, 'w').write(str(subprocess.Popen([sys.executable, '-c', "
+            "'import time; time.sleep(60)']).pid)); time.sleep(60)"]
+    monkeypatch.setattr(check, "MIN_SECONDS", {"a": 3, "b": 0, "c": 0})
+    monkeypatch.setattr(check, "SHARES", {"a": 0.01, "b": 0.5, "c": 0.5})
+    start = time.monotonic()
+    ours.step("a", ["b", "c"], lambda end: (ours.run("hang", hang, end - time.monotonic())[0], "stuck"))
+    assert time.monotonic() - start < 10
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["steps"]["a"]["status"] == "timeout"
+    assert not alive(int(child.read_text())), "the hung step's own child outlived it"
+    ours.step("b", ["c"], lambda end: 1 / 0)
+    ours.step("c", [], lambda end: ("ok", None))
+    steps = json.loads((tmp_path / "out" / "summary.json").read_text())["steps"]
+    assert steps["b"]["status"] == "failed" and "ZeroDivisionError" in steps["b"]["error"]
+    assert steps["c"]["status"] == "ok"
+
+
+def alive(pid):
+    """Whether process `pid` runs (a killed one may linger as a zombie until it is reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_path_tests_name_collected_tests():
+    """Every test that a speed path must pass exists (a renamed test would leave a path untested)."""
+    result = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                             "tests/test_device.py"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    collected = {line.split("::")[-1] for line in result.stdout.splitlines() if "::" in line}
+    named = {test for tests in check.PATH_TESTS.values() for test in tests}
+    assert named <= collected, named - collected
+    assert set(check.PATH_TESTS) == set(check.SPEED_PATHS) == set(check.PATH_FIGURES)
+
+
+def test_a_path_is_used_only_if_all_its_tests_passed_and_it_is_not_slower():
+    tests = ("a", "b")
+    assert check.path_status({"a": "passed", "b": "passed"}, tests) == "passed"
+    assert check.path_status({"a": "passed", "b": "failed"}, tests) == "failed"
+    assert check.path_status({"a": "passed", "b": "error"}, tests) == "failed"
+    assert check.path_status({"a": "passed"}, tests) == "untested"
+    assert check.path_status({"a": "passed", "b": "skipped"}, tests) == "untested"
+    ours = check.Check.__new__(check.Check)
+    ours.quick = False
+    ours.summary = {"correctness": {"paths": {"tf32": "passed", "bf16": "passed", "compile_update": "failed"}},
+                    "figures": {"eager": {"update_ms": 10.0, "plan_ms": 5.0},
+                                "tf32": {"update_ms": 8.0, "plan_ms": 5.2}, "bf16": {"update_ms": 30.0}}}
+    paths, left_out = ours.training_paths()
+    assert paths == ["tf32"] and list(left_out) == ["bf16"] and "update_ms 30 > 10" in left_out["bf16"]
