@@ -49,7 +49,7 @@ PATH_FIGURES = {"capture_planner": ["plan"], "compile_update": ["update"],
 BENCH_WEIGHTS = {"eager": 1.5, "capture_planner": 2, "compile_update": 2, "replay_on_device": 0.5,
                  "tf32": 0.5, "bf16": 0.5, "passed": 3}
 # --quick: the device tests that take seconds on a CPU (no compiling, no training runs, and no
-# bf16, which a CPU without bf16 units runs 30 times slower).
+# bf16, which a CPU without bf16 units runs about 3 times slower).
 QUICK_TESTS = "not compile_update and not capture_planner and not all and not checkpoints and not bf16"
 TRAIN_TASK = "cartpole-swingup"
 QUICK_TRAIN = ["--max-episode-length", "200", "--seed-episodes", "2", "--collect-interval", "3",
