@@ -34,6 +34,7 @@ from wrappers import default_action_repeat, make_env, make_parallel_envs, parse_
 CHECKPOINT = "checkpoint.pt"
 TEST_SEED_OFFSET = 10_000  # Tags the stream of test-episode seeds, apart from training's.
 BATCH_NOISE_TAG = 20_000  # Tags the seed of the batches' dequantisation noise.
+CUDA_RESEED_TAG = 30_000  # Tags the seed of the CUDA generators when a CPU checkpoint resumes on CUDA.
 POSITIVE = ("episodes", "seed_episodes", "collect_interval", "batch_size", "chunk_length",
             "max_episode_length", "buffer_capacity", "horizon", "iterations", "candidates",
             "top_candidates", "test_interval", "test_episodes", "checkpoint_interval", "belief_size",
@@ -464,10 +465,16 @@ class Workspace:
         self.buffer.rng.bit_generator.state = rng["replay"]
         if rng.get("device") == self.device.type:
             self.batch_noise.set_state(rng["batch_noise"])
-        else:  # Resumed on another kind of device, whose generators have another state.
-            self.batch_noise.manual_seed(derive_seed(self.config.seed, BATCH_NOISE_TAG, self.counters["updates"]))
-            logging.warning("reseeded the batch noise: the checkpoint has no state for a %s generator",
-                            self.device.type)
+        else:  # Resumed on another kind of device, whose generators have other states.
+            updates = self.counters["updates"]
+            self.batch_noise.manual_seed(derive_seed(self.config.seed, BATCH_NOISE_TAG, updates))
+            reseeded = ["the batch noise"]
+            if self.device.type == "cuda" and not rng["cuda"]:  # Else at the run's seed again.
+                torch.cuda.manual_seed_all(derive_seed(self.config.seed, CUDA_RESEED_TAG, updates))
+                reseeded.append("the CUDA generators (posterior samples, planning)")
+            logging.warning("resumed on %s from a checkpoint written on %s: reseeded %s; the run goes "
+                            "on, but its random draws are no longer those of an unbroken run",
+                            self.device.type, rng.get("device", "cpu"), " and ".join(reseeded))
         self.env.set_rng_state(unpack_random_state(rng["env"]))
         logging.info("resumed %s after %d episodes, %d env steps, %d updates; %d steps in replay",
                      self.run_dir, self.counters["episodes"], self.counters["env_steps"],

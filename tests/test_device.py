@@ -165,7 +165,7 @@ def run_state(run_dir, device="cpu"):
     return checkpoint["counters"], checkpoint["model"]
 
 
-def test_checkpoints_move_between_the_cpu_and_the_device(device, tmp_path, caplog):
+def test_checkpoints_move_between_the_cpu_and_the_device(device, tmp_path, capsys):
     """A run on the device with --replay-on-device, stopped after 3 episodes and resumed, is the
     same run with the host replay, bit for bit; its checkpoint loads on the CPU and the CPU
     resumes it; a CPU run resumes on the device."""
@@ -181,14 +181,16 @@ def test_checkpoints_move_between_the_cpu_and_the_device(device, tmp_path, caplo
     _, cpu_model, _ = load_run(tmp_path / "ours", torch.device("cpu"))
     for name, value in cpu_model.state_dict().items():
         assert value.device.type == "cpu" and torch.equal(value, expected[name].cpu()), name
-    caplog.clear()
+    capsys.readouterr()
     train_main(["--resume", str(tmp_path / "ours"), "--episodes", "5", "--device", "cpu"])
     assert run_state(tmp_path / "ours")[0]["episodes"] == 5
+    moved = device.type != "cpu"  # Then each resume crosses devices and says what it reseeded.
+    assert ("written on cuda: reseeded the batch noise;" in capsys.readouterr().err) == moved
     # And the reverse: a CPU run continues on the device.
     train_main(TINY_FLAGS + ["--test-interval", "10", "--episodes", "3", "--run-dir", str(tmp_path / "cpu")])
+    capsys.readouterr()
     train_main(["--resume", str(tmp_path / "cpu"), "--episodes", "4", "--device", str(device)])
+    assert ("reseeded the batch noise and the CUDA generators" in capsys.readouterr().err) == moved
     counters, model = run_state(tmp_path / "cpu")
     assert counters["episodes"] == 4 and all(value.device.type == "cpu" for value in model.values())
-    if device.type != "cpu":
-        assert "reseeded" in caplog.text
 

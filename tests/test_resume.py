@@ -178,6 +178,19 @@ def test_nan_policy_skip_skips_the_bad_updates(unbroken, tmp_path):
     assert_same_state({**state, "counters": None}, {**checkpoint(unbroken), "counters": None})
 
 
+def test_a_checkpoint_from_another_device_says_what_it_reseeded(unbroken, tmp_path):
+    """A checkpoint written on CUDA resumes on the CPU (here faked: the CPU has no CUDA to write
+    one), and says that the batch noise was reseeded rather than restored."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(unbroken, run_dir)
+    state = checkpoint(run_dir)
+    state["rng"]["device"] = "cuda"
+    torch.save(state, run_dir / "checkpoint.pt")
+    result = train("--resume", str(run_dir), "--episodes", "7")
+    assert "resumed on cpu from a checkpoint written on cuda: reseeded the batch noise;" in result.stderr
+    assert "resumed on cpu" not in train("--resume", str(run_dir), "--episodes", "8").stderr
+
+
 def test_test_and_video_read_a_run_that_is_still_training(tmp_path):
     process = start(*TINY_FLAGS, "--episodes", "30", "--log-dir", str(tmp_path))
     try:
