@@ -22,7 +22,6 @@ import time
 import numpy as np
 import torch
 
-import check
 from agent import Agent, planner_policy, play_episode, play_episodes
 from train import (SPEED_PATHS, Config, build_model, build_replay, compile_loss, test_seeds, train_model,
                    update)
@@ -196,6 +195,7 @@ def main(argv=None):
                         help="with --check: where the training run goes (default: a new temporary folder)")
     args = parser.parse_args(argv)
     if args.check:
+        import check  # Which imports this module for its figures.
         return check.main(args.check, args.deadline, args.device, args.quick, args.work_dir)
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
     keep_freed_memory()

@@ -24,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import bench
 from train import SPEED_PATHS
 from utils import read_jsonl, write_json, write_jsonl
 
@@ -47,7 +48,7 @@ PATH_TESTS = {
 PATH_FIGURES = {"capture_planner": ["plan"], "compile_update": ["update"],
                 "replay_on_device": ["update"], "tf32": ["update", "plan"], "bf16": ["update"]}
 BENCH_WEIGHTS = {"eager": 1.5, "capture_planner": 2, "compile_update": 2, "replay_on_device": 0.5,
-                 "tf32": 0.5, "bf16": 0.5, "passed": 3}
+                 "tf32": 0.5, "bf16": 0.5, "chosen": 3}
 # --quick: the device tests that take seconds on a CPU (no compiling, no training runs, and no
 # bf16, which a CPU without bf16 units runs about 3 times slower).
 QUICK_TESTS = "not compile_update and not capture_planner and not all and not checkpoints and not bf16"
@@ -171,8 +172,8 @@ class Check:
     def setup(self, budget_end):
         status, seconds, text = self.run("setup", [sys.executable, "-c", "import check; check.setup_report()"],
                                          budget_end - time.monotonic())
-        if status == "ok":
-            self.summary["setup"] = json.loads(text.strip().splitlines()[-1])
+        if status == "ok":  # The report is the last line that is a JSON object (warnings come first).
+            self.summary["setup"] = json.loads([line for line in text.splitlines() if line.startswith("{")][-1])
         return status, error_text(status, seconds, text)
 
     def correctness(self, budget_end):
@@ -209,27 +210,33 @@ class Check:
         return chosen, left_out
 
     def figures(self, budget_end):
-        runs = {"eager": ([], ["update", "plan"] if self.quick else None)}  # -> (paths, figures or all)
-        for path in self.passed_paths() if self.quick else SPEED_PATHS:  # Quick: no time for the rest.
-            runs[path] = ([path], PATH_FIGURES[path])
-        if len(self.passed_paths()) > 1:
-            runs["passed"] = (self.passed_paths(), ["update", "plan", "iteration", "test"])
-        results, statuses, errors = self.summary.setdefault("figures", {}), {}, []
-        weights = [BENCH_WEIGHTS[name] for name in runs]
-        for i, (name, (paths, figures)) in enumerate(runs.items()):
+        """bench.py eager, then (not --quick) each path that passed alone, then with the paths that
+        training will use (`training_paths`); and the hours of a paper run at those figures. A path
+        that failed its tests is not measured: it stays off whatever its speed."""
+        runs = [("eager", [], ["update", "plan"] if self.quick else list(bench.FIGURES))]
+        runs += [] if self.quick else [(path, [path], PATH_FIGURES[path]) for path in self.passed_paths()]
+        weights = [BENCH_WEIGHTS[name] for name, _, _ in runs] + [BENCH_WEIGHTS["chosen"]]
+        results, statuses = self.summary.setdefault("figures", {}), {}
+        for i, (name, paths, figures) in enumerate(runs + [("chosen", None, None)]):
+            if name == "chosen":  # Decided by the figures so far.
+                paths = self.training_paths()[0]
+                if not paths:
+                    break
+                figures = ["update", "plan"] if self.quick else ["update", "plan", "iteration", "test"]
             out = self.work / f"bench-{name}.json"
             command = [sys.executable, "bench.py", "--device", self.device, "--json", out,
-                       *(flag(path) for path in paths)]
+                       "--figures", *figures, *(flag(path) for path in paths)]
             command += ["--quick", "--repeats", "1"] if self.quick else []
-            command += ["--figures", *figures] if figures else []
             seconds = (budget_end - time.monotonic()) * weights[i] / sum(weights[i:])
-            statuses[name], seconds, text = self.run(f"bench-{name}", command, seconds)
-            if statuses[name] == "ok":
+            status, seconds, text = self.run(f"bench-{name}", command, seconds)
+            statuses[name] = status if status == "ok" else error_text(status, seconds, text, 400)
+            if status == "ok":
                 results[name] = {k: v for k, v in json.loads(out.read_text()).items() if k != "spread"}
-            else:
-                errors.append(f"{name}: {error_text(statuses[name], seconds, text, 400)}")
+            self.summary["figures_status"] = statuses
             self.save()
-        self.summary["figures_status"] = statuses
+        if not self.quick:
+            self.summary["projection"] = projection(results.get("chosen", results.get("eager", {})))
+        errors = [f"{name}: {text}" for name, text in statuses.items() if text != "ok"]
         return ("ok" if not errors else "failed"), "\n".join(errors) or None
 
     def training(self, budget_end):
@@ -317,9 +324,10 @@ class Check:
                                if o in outcomes)
             return f"tests: {counts or 'none ran'}; paths passed: {', '.join(self.passed_paths()) or 'none'}"
         if name == "figures" and s.get("figures"):
-            best = s["figures"].get("passed", s["figures"].get("eager", {}))
+            best = s["figures"].get("chosen", s["figures"].get("eager", {}))
+            hours = (s.get("projection") or {}).get("cheetah_run_1000_episodes_hours")
             return ", ".join(f"{key} {best[key]:.4g}" for key in ("update_ms", "plan_ms", "iteration_s")
-                             if key in best)
+                             if key in best) + (f"; a paper run: {hours} h" if hours else "")
         if name == "training" and "training" in s:
             tests = s["training"].get("tests", [])
             return f"{s['training'].get('episodes', 0)} episodes, killed after " \
@@ -329,6 +337,19 @@ class Check:
             returns = s["evaluation"]["returns"]
             return f"test.py mean return {sum(returns) / len(returns):.1f} over {len(returns)} episodes"
         return ""
+
+
+def projection(figures):
+    """Hours of a paper run of cheetah-run (1000 episodes, 5 of them seed episodes, a test of 10
+    parallel episodes every 10) at `figures` of bench.py, whose training iteration is the paper's
+    (100 updates and a 250-step episode, 1000 env steps at action repeat 4). None without them."""
+    if "iteration_s" not in figures or figures.get("iteration", {}).get("episode_steps") != 250:
+        return None
+    iteration_s, test_rate = figures["iteration_s"], figures["test_steps_per_s"]["parallel"]
+    test_s = 10 * 250 / test_rate  # 10 episodes of 250 steps; the rate counts all 10 together.
+    hours = (995 * iteration_s + 100 * test_s) / 3600
+    return {"cheetah_run_1000_episodes_hours": round(hours, 2), "iteration_s": iteration_s,
+            "test_s": round(test_s, 1), "from": figures.get("speed_paths") or "eager"}
 
 
 def flag(path):

@@ -41,7 +41,7 @@ def test_quick_check_runs_every_step_by_the_deadline(quick_check):
     assert summary["correctness"]["paths"]["tf32"] == "passed"
     assert summary["correctness"]["paths"]["compile_update"] == "untested"  # Left out by --quick.
     assert summary["figures"]["eager"]["update_ms"] > 0 and summary["figures"]["eager"]["plan_ms"] > 0
-    assert summary["figures"]["tf32"]["speed_paths"] == ["tf32"]
+    assert summary["figures"]["chosen"]["speed_paths"] == ["tf32"] and "projection" not in summary
 
 
 def test_quick_check_kills_resumes_and_evaluates_the_run(quick_check):
@@ -117,3 +117,39 @@ def test_a_path_is_used_only_if_all_its_tests_passed_and_it_is_not_slower():
                                 "tf32": {"update_ms": 8.0, "plan_ms": 5.2}, "bf16": {"update_ms": 30.0}}}
     paths, left_out = ours.training_paths()
     assert paths == ["tf32"] and list(left_out) == ["bf16"] and "update_ms 30 > 10" in left_out["bf16"]
+
+
+def test_projection_of_a_paper_run():
+    """995 iterations and 100 tests of 10 parallel 250-step episodes, in hours."""
+    figures = {"iteration_s": 3.6, "iteration": {"episode_steps": 250}, "test_steps_per_s": {"parallel": 500.0}}
+    projection = check.projection(figures)
+    assert projection["test_s"] == 5.0  # 2500 agent steps at 500 per second (all 10 episodes).
+    assert projection["cheetah_run_1000_episodes_hours"] == pytest.approx((995 * 3.6 + 100 * 5) / 3600, abs=0.01)
+    assert check.projection({"iteration_s": 1.0, "iteration": {"episode_steps": 5}}) is None  # --quick
+
+
+def test_full_figures_measure_eager_each_path_then_the_chosen_ones(tmp_path, monkeypatch):
+    """Without --quick: eager with every figure, each path alone with its figures, then the paths
+    that passed and were not slower, with the iteration and test figures for the projection."""
+    ours = check.Check(tmp_path / "out", deadline=60, device="cuda", quick=False, work_dir=tmp_path / "work")
+    ours.summary["correctness"] = {"paths": {path: "passed" for path in check.SPEED_PATHS}}
+    commands = []
+
+    def fake_run(name, command, seconds):  # bench.py writes its JSON; bf16 is slow here.
+        commands.append(command)
+        flags = [c for c in map(str, command) if c.startswith("--") and c.replace("-", "_")[2:] in check.SPEED_PATHS]
+        figures = {"speed_paths": [f[2:].replace("-", "_") for f in flags], "update_ms": 30.0 if "--bf16" in flags
+                   else 10.0, "plan_ms": 5.0, "iteration_s": 3.6, "iteration": {"episode_steps": 250},
+                   "test_steps_per_s": {"parallel": 500.0}}
+        command[command.index("--json") + 1].write_text(json.dumps(figures))
+        return "ok", 1.0, ""
+
+    monkeypatch.setattr(ours, "run", fake_run)
+    assert ours.figures(time.monotonic() + 30) == ("ok", None)
+    assert commands[0][commands[0].index("--figures") + 1:] == ["update", "plan", "env", "iteration", "test"]
+    assert [c[-1] for c in commands[1:-1]] == [check.flag(path) for path in check.SPEED_PATHS]
+    chosen = [path for path in check.SPEED_PATHS if path != "bf16"]
+    assert commands[-1][-len(chosen):] == [check.flag(path) for path in chosen]
+    assert ours.summary["figures"]["chosen"]["speed_paths"] == chosen
+    assert ours.summary["projection"]["from"] == chosen
+    assert ours.summary["projection"]["cheetah_run_1000_episodes_hours"] == pytest.approx(1.13, abs=0.01)
