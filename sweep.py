@@ -10,7 +10,8 @@ The flags after `--` go to every train.py run (e.g. `-- --episodes 500`).
 paper's Figure 4, which `plot.py` draws as one curve per variant.
 
 - Local (the default): train.py subprocesses on this machine, `--runs-per-gpu` on each GPU (a run
-  sees only its GPU, through CUDA_VISIBLE_DEVICES), or `--local-workers` at a time without a GPU.
+  sees only its GPU, through CUDA_VISIBLE_DEVICES, and renders there, through MUJOCO_EGL_DEVICE_ID),
+  or `--local-workers` at a time without a GPU.
 - Ray (`--ray`): each run is a Ray task asking for `--gpus-per-run` GPUs (a fraction lets runs share
   one), on the cluster at `--address` or on a Ray started here. The checkout and the log dir must
   be at the same paths on every node (shared storage); the driver reads the runs' progress there.
@@ -169,9 +170,18 @@ def launch(arguments, log_path, env=None):
 
 
 def train_to_end(arguments, log_path):
-    """One attempt as a Ray task, on whichever node Ray picks. -> (exit status, seconds)."""
+    """One attempt as a Ray task, on whichever node Ray picks, on the GPUs that Ray gave it in
+    CUDA_VISIBLE_DEVICES. -> (exit status, seconds)."""
     start = time.monotonic()
-    return launch(arguments, log_path).wait(), time.monotonic() - start
+    return launch(arguments, log_path, render_on_own_gpu(dict(os.environ))).wait(), time.monotonic() - start
+
+
+def render_on_own_gpu(env):
+    """`env` with MUJOCO_EGL_DEVICE_ID set to its first CUDA_VISIBLE_DEVICES id. EGL ignores
+    CUDA_VISIBLE_DEVICES: without it every run renders on GPU 0. EGL numbers the GPUs as the
+    driver does, which a GPU named by its UUID does not tell, so then nothing is set."""
+    first = env.get("CUDA_VISIBLE_DEVICES", "").split(",")[0]
+    return {**env, "MUJOCO_EGL_DEVICE_ID": first} if first.isdigit() else env
 
 
 # --- Where runs train. Both launchers: has_room(), start(run, arguments) -> handle,
@@ -191,7 +201,8 @@ def local_slots(workers, runs_per_gpu, use_gpus):
     devices = [gpu for gpu in gpus for _ in range(runs_per_gpu)] or [""] * workers
     # torch uses every core by default; N runs each doing so oversubscribe the CPU. So split them.
     threads = os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(devices))))
-    return [{"CUDA_VISIBLE_DEVICES": device, "OMP_NUM_THREADS": threads} for device in devices]
+    return [render_on_own_gpu({"CUDA_VISIBLE_DEVICES": device, "OMP_NUM_THREADS": threads})
+            for device in devices]
 
 
 class LocalLauncher:

@@ -196,7 +196,13 @@ def test_local_runs_share_each_gpu(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
     slots = sweep.local_slots(workers=1, runs_per_gpu=2, use_gpus=True)
-    assert slots == [{"CUDA_VISIBLE_DEVICES": gpu, "OMP_NUM_THREADS": "4"} for gpu in ("3", "3", "5", "5")]
+    # Each run renders on its own GPU too: EGL does not read CUDA_VISIBLE_DEVICES.
+    assert slots == [{"CUDA_VISIBLE_DEVICES": gpu, "OMP_NUM_THREADS": "4", "MUJOCO_EGL_DEVICE_ID": gpu}
+                     for gpu in ("3", "3", "5", "5")]
+    # A Ray task: the GPU that Ray gave it; a GPU named by UUID gives EGL no number to use.
+    assert sweep.render_on_own_gpu({"CUDA_VISIBLE_DEVICES": "6,7", "A": "1"}) == \
+        {"CUDA_VISIBLE_DEVICES": "6,7", "A": "1", "MUJOCO_EGL_DEVICE_ID": "6"}
+    assert "MUJOCO_EGL_DEVICE_ID" not in sweep.render_on_own_gpu({"CUDA_VISIBLE_DEVICES": "GPU-1a2b"})
     # --device cpu, or no GPU: --local-workers runs that see no GPU split the cores.
     assert sweep.local_slots(workers=8, runs_per_gpu=2, use_gpus=False) == \
         [{"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "2"}] * 8
