@@ -112,7 +112,8 @@ class Config:
     adam_epsilon: float = option(1e-4, "Adam epsilon")
     grad_clip_norm: float = option(1000.0, "global gradient norm clip")
     nan_policy: str = option("stop", "on a non-finite loss or gradient: stop (keeping the last "
-                             "checkpoint) or skip that update")
+                             "checkpoint) or skip that update (which waits for the GPU at every "
+                             "update, to look at the loss before Adam steps)")
     preset: str = option("", "a named set of defaults from PRESETS, e.g. small (flags given with it win)")
 
     @property
