@@ -470,7 +470,7 @@ class Workspace:
             updates = self.counters["updates"]
             self.batch_noise.manual_seed(derive_seed(self.config.seed, BATCH_NOISE_TAG, updates))
             reseeded = ["the batch noise"]
-            if self.device.type == "cuda" and not rng["cuda"]:  # Else at the run's seed again.
+            if self.device.type == "cuda":  # Else at the run's seed, or where a CPU run left them.
                 torch.cuda.manual_seed_all(derive_seed(self.config.seed, CUDA_RESEED_TAG, updates))
                 reseeded.append("the CUDA generators (posterior samples, planning)")
             logging.warning("resumed on %s from a checkpoint written on %s: reseeded %s; the run goes "

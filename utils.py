@@ -197,16 +197,19 @@ class BatchPrefetcher:
     def batch(self):
         """One batch, made in the calling thread."""
         obs, actions, rewards = (torch.as_tensor(x) for x in self.buffer.sample(self.batch_size))
-        if obs.device != self.device:  # From the host; a DeviceReplayBuffer's are there already.
-            if self.device.type == "cuda":  # Page-locked memory lets the copies run asynchronously.
-                obs, actions, rewards = (x.pin_memory() for x in (obs, actions, rewards))
-            obs, actions, rewards = (x.to(self.device, non_blocking=True) for x in (obs, actions, rewards))
+        if obs.device.type == "cpu" and self.device.type == "cuda":  # From the host replay:
+            obs, actions, rewards = (x.pin_memory() for x in (obs, actions, rewards))  # async copies.
+        # A no-op for a DeviceReplayBuffer's, which are there already.
+        obs, actions, rewards = (x.to(self.device, non_blocking=True) for x in (obs, actions, rewards))
         return preprocess_observation(obs, self.bit_depth, self.generator), actions, rewards
 
-    def _produce(self):
+    def _produce(self, ready):
         try:
-            # On a GPU the copies and preprocessing run on a side stream that the consumer waits on.
+            # On a GPU the copies and preprocessing run on a side stream that the consumer waits on,
+            # and that waits for what the consumer's stream did before (a DeviceReplayBuffer's adds).
             stream = side_stream(self.device) if self.device.type == "cuda" else None
+            if stream:
+                stream.wait_event(ready)
             with torch.cuda.stream(stream) if stream else contextlib.nullcontext():
                 for _ in range(self.count):
                     batch = self.batch()
@@ -227,7 +230,8 @@ class BatchPrefetcher:
 
     def __iter__(self):
         self._queue, self._stop = queue.Queue(maxsize=self.depth), threading.Event()
-        thread = threading.Thread(target=self._produce, name="batch-prefetcher", daemon=True)
+        ready = torch.cuda.current_stream(self.device).record_event() if self.device.type == "cuda" else None
+        thread = threading.Thread(target=self._produce, args=(ready,), name="batch-prefetcher", daemon=True)
         thread.start()
         try:
             for _ in range(self.count):

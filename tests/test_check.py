@@ -112,11 +112,14 @@ def test_a_path_is_used_only_if_all_its_tests_passed_and_it_is_not_slower():
     assert check.path_status({"a": "passed", "b": "skipped"}, tests) == "untested"
     ours = check.Check.__new__(check.Check)
     ours.quick = False
-    ours.summary = {"correctness": {"paths": {"tf32": "passed", "bf16": "passed", "compile_update": "failed"}},
+    ours.summary = {"correctness": {"paths": {"tf32": "passed", "bf16": "passed", "compile_update": "failed",
+                                              "capture_planner": "passed"}},
                     "figures": {"eager": {"update_ms": 10.0, "plan_ms": 5.0},
-                                "tf32": {"update_ms": 8.0, "plan_ms": 5.2}, "bf16": {"update_ms": 30.0}}}
+                                "tf32": {"update_ms": 8.0, "plan_ms": 5.2}, "bf16": {"update_ms": 30.0}},
+                    "figures_status": {"capture_planner": "timed out after 20 s"}}
     paths, left_out = ours.training_paths()
-    assert paths == ["tf32"] and list(left_out) == ["bf16"] and "update_ms 30 > 10" in left_out["bf16"]
+    assert paths == ["tf32"] and sorted(left_out) == ["bf16", "capture_planner"]
+    assert "update_ms 30 > 10" in left_out["bf16"] and "timed out" in left_out["capture_planner"]
 
 
 def test_projection_of_a_paper_run():
