@@ -144,33 +144,90 @@ def test_free_nats_gate_the_kl_gradient_for_prior_and_posterior(tiny_model):
     assert not torch.allclose(posterior_grad, free_posterior_grad), "the KL must train the posterior"
 
 
+def independent_overshooting_kl(model, beliefs, posteriors, actions, distance, free_nats):
+    """Latent overshooting written out per start t and distance d, for a `mean_only` model (its
+    rollouts draw nothing): the KL of the prior d steps ahead of t to the posterior at t + d, over
+    the pairs with t + d inside the chunk, free nats per element, averaged per d then over d."""
+    steps, batch = actions.shape[:2]
+    per_distance = []
+    for d in range(1, min(distance, steps - 1) + 1):
+        kls = []
+        for t in range(steps - d):
+            belief, state = beliefs[t], posteriors.sample[t]
+            for k in range(1, d + 1):
+                belief, prior = model.rssm.img_step(state, actions[t + k], belief)
+                state = prior.sample
+            target = Normal(posteriors.mean[t + d], posteriors.std[t + d])
+            kl = kl_divergence(target, Normal(prior.mean, prior.std)).sum(-1)
+            kls.append(torch.clamp(kl - free_nats, min=0))
+        per_distance.append(torch.stack(kls).mean())
+    return torch.stack(per_distance).mean()
+
+
+def overshooting_inputs(model, steps=6, batch=2):
+    """Beliefs, posteriors and actions of a chunk, each a leaf tensor that records its gradient."""
+    torch.manual_seed(0)
+    obs, actions = torch.rand(steps, batch, 3, 64, 64) - 0.5, torch.rand(steps, batch, 2) * 2 - 1
+    with torch.no_grad():
+        beliefs, _, posteriors = model.rssm.observe(model.encoder(obs), actions,
+                                                    *model.rssm.initial(batch, "cpu"))
+    leaves = [x.clone().requires_grad_() for x in (beliefs, *posteriors)]
+    return leaves[0], Gaussian(*leaves[1:]), actions
+
+
+@pytest.mark.parametrize("free_nats", [0.0, 0.2])
+def test_latent_overshooting_matches_independent_computation(free_nats):
+    torch.manual_seed(0)
+    model = WorldModel(2, **TINY_MODEL, model="gru")
+    beliefs, posteriors, actions = overshooting_inputs(model)
+    for distance in (1, 3, 5, 9):
+        expected = independent_overshooting_kl(model, beliefs, posteriors, actions, distance, free_nats)
+        result = model._overshooting_kl(beliefs, posteriors, actions, distance, free_nats)
+        torch.testing.assert_close(result, expected)
+    assert result > 0
+
+
 def test_latent_overshooting_adds_a_term_and_stops_target_gradients(tiny_model):
     torch.manual_seed(0)
     obs, actions, rewards = torch.rand(5, 2, 3, 64, 64) - 0.5, torch.rand(5, 2, 2), torch.zeros(5, 2)
     torch.manual_seed(4)
     _, plain = tiny_model.loss(obs, actions, rewards, free_nats=0.0)
     torch.manual_seed(4)
-    total, terms = tiny_model.loss(obs, actions, rewards, free_nats=0.0, overshooting_distance=3,
-                                   overshooting_kl_beta=0.5)
+    _, terms = tiny_model.loss(obs, actions, rewards, free_nats=0.0, overshooting_distance=3,
+                               overshooting_kl_beta=0.5)
     assert terms["overshooting_kl"] > 0
     torch.testing.assert_close(terms["total"], plain["total"] + 0.5 * terms["overshooting_kl"])
-    total.backward()
-    assert all(p.grad is not None and p.grad.isfinite().all() for p in tiny_model.parameters())
+    # The gradient reaches the start of each rollout, never the posterior it is matched to.
+    beliefs, posteriors, actions = overshooting_inputs(tiny_model)
+    tiny_model._overshooting_kl(beliefs, posteriors, actions, 3, 0.0).backward()
+    assert posteriors.mean.grad is None and posteriors.std.grad is None
+    start_grad = posteriors.sample.grad.abs().sum((1, 2))
+    assert (start_grad[:-1] > 0).all(), "every start with a step ahead in the chunk is trained"
+    assert start_grad[-1] == 0, "the last step has no step ahead to be matched to"
+    assert (beliefs.grad.abs().sum((1, 2))[:-1] > 0).all()
 
 
 def test_open_loop_prediction_uses_posteriors_then_prior(tiny_model):
     torch.manual_seed(0)
     obs, actions = torch.rand(8, 1, 3, 64, 64) - 0.5, torch.rand(8, 1, 2)
-    prediction = tiny_model.predict_open_loop(obs, actions, context=3)
+    context = 3
+
+    def predict(frames):
+        torch.manual_seed(5)
+        return tiny_model.predict_open_loop(frames, actions, context=context)
+
+    prediction = predict(obs)
     assert prediction.shape == (8, 1, 3, 64, 64)
-    # Open loop: frames after the context are never seen, so changing them changes nothing.
-    changed = obs.clone()
-    changed[5:] = 0.4
-    torch.manual_seed(5)
-    first = tiny_model.predict_open_loop(obs, actions, context=3)
-    torch.manual_seed(5)
-    second = tiny_model.predict_open_loop(changed, actions, context=3)
-    torch.testing.assert_close(first, second)
+    # Open loop: every frame after the context is never seen, so changing them changes nothing ...
+    after = obs.clone()
+    after[context:] = 0.4
+    torch.testing.assert_close(predict(after), prediction, rtol=0, atol=0)
+    # ... while the last context frame is filtered, and so changes its reconstruction and every
+    # prediction after it.
+    last = obs.clone()
+    last[context - 1] = 0.4
+    changed = (predict(last) - prediction).abs().amax((1, 2, 3, 4))
+    assert (changed[:context - 1] == 0).all() and (changed[context - 1:] > 0).all()
 
 
 def test_gru_variant_has_no_stochastic_path():
