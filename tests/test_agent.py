@@ -41,13 +41,23 @@ def test_cem_finds_the_optimum_of_each_agent():
     torch.testing.assert_close(action, expected, atol=0.05, rtol=0)
 
 
-def test_cem_with_one_iteration_is_only_the_mean_of_the_best():
-    """After one iteration from N(0, 1), the plan is far from a target that more iterations reach."""
+@pytest.mark.parametrize("top_candidates", [10, 1])
+def test_cem_with_one_iteration_is_only_the_mean_of_the_best(top_candidates):
+    """One iteration draws J sequences from N(0, I), clipped, and returns the first action of the
+    mean of the K best; with K = 1 that is the best candidate's: random shooting."""
+    targets = torch.tensor([[0.9, -0.2], [-0.5, 0.4]])
+    horizon, candidates = 3, 100
     torch.manual_seed(0)
-    target = torch.full((1, 6), 0.9)
-    one = toy_plan(target, horizon=2, iterations=1, candidates=100, top_candidates=10)
-    many = toy_plan(target, horizon=2, iterations=10, candidates=100, top_candidates=10)
-    assert (many - target).abs().max() < (one - target).abs().max()
+    plan = toy_plan(targets, horizon=horizon, iterations=1, candidates=candidates,
+                    top_candidates=top_candidates)
+    torch.manual_seed(0)
+    sequences = torch.randn(horizon, len(targets), candidates, 2).clamp(-1, 1).numpy()
+    for agent, target in enumerate(targets.numpy()):
+        returns = -((sequences[:, agent] - target) ** 2).sum((0, 2))
+        best = np.argsort(-returns)[:top_candidates]
+        np.testing.assert_allclose(plan[agent], sequences[0, agent, best].mean(0), rtol=1e-6)
+    if top_candidates == 1:
+        assert np.isin(plan.numpy(), sequences[0]).all(), "random shooting returns a candidate's action"
 
 
 def test_rollout_returns_equal_the_summed_rewards_of_an_imagined_rollout(tiny_model):
@@ -89,35 +99,84 @@ def test_episode_alignment_with_the_real_env():
         assert reward == pytest.approx(episode["reward"][t])
 
 
+def record_encoder_inputs(model):
+    """The preprocessed frames `(B, 3, 64, 64)` of every call of the model's encoder, in a list."""
+    frames = []
+    model.encoder.register_forward_hook(lambda module, inputs, output: frames.append(inputs[0].clone()))
+    return frames
+
+
+def filtered_belief(model, frames, actions):
+    """The belief after filtering frames `(T, 3, 64, 64)` with actions `(T, A)` from the start."""
+    actions = torch.as_tensor(actions)[:, None]
+    beliefs, _, _ = model.rssm.observe(model.encoder(frames[:, None]), actions,
+                                       *model.rssm.initial(1, "cpu"))
+    return beliefs[-1, 0]
+
+
+def assert_frames_are_the_episodes(frames, obs, bit_depth=5):
+    """Preprocessed frames are the episode's observations, dequantisation noise aside."""
+    levels = torch.floor((frames + 0.5) * 2 ** bit_depth).to(torch.uint8)
+    np.testing.assert_array_equal(levels.numpy(), obs >> (8 - bit_depth))
+
+
+def test_exploration_noise_is_a_gaussian_of_the_given_std_then_clipped():
+    """Agent.act adds N(0, 0.3^2) noise to the plan (std 0.3, not variance 0.3), then clips."""
+    batch = 40_000
+    plan = torch.zeros(batch, 2)
+    agent = Agent(WorldModel(action_size=2, **TINY_MODEL), {}, batch_size=batch,
+                  plan=lambda *args, **kwargs: plan)
+    torch.manual_seed(0)
+    np.testing.assert_array_equal(agent.act(), plan.numpy())
+    noisy = agent.act(0.3)
+    assert noisy.mean() == pytest.approx(0, abs=0.005) and noisy.std() == pytest.approx(0.3, abs=0.005)
+    plan.fill_(0.9)
+    clipped = agent.act(0.3)
+    assert clipped.max() == 1 and clipped.min() > 0.9 - 6 * 0.3
+    # P(0.9 + 0.3 z >= 1) = P(z >= 1/3) = 0.3694: the clipped share sits at exactly 1.
+    assert (clipped == 1).mean() == pytest.approx(0.3694, abs=0.01)
+
+
 def test_agent_filters_with_the_executed_noisy_action():
+    """The planner policy plans, adds the exploration noise, executes the clipped result and
+    updates the belief with what was executed. With the deterministic (`gru`) model the agent's
+    final belief is the filter of the episode's frames and executed actions, step for step."""
     torch.manual_seed(0)
     env = make_env("cartpole-swingup", seed=0, max_episode_length=40)
-    agent = Agent(WorldModel(action_size=1, **TINY_MODEL),
-                  {"horizon": 3, "iterations": 2, "candidates": 8, "top_candidates": 2})
-    observed, planned = [], []
-    observe, act = agent.observe, agent.act
-    agent.observe = lambda obs, action: observed.append(action.copy()) or observe(obs, action)
-    # A deterministic stand-in for the exploration noise: the executed action is plan + 0.5, clipped.
-    agent.act = lambda noise_std: planned.append(act(0.0)) or np.clip(planned[-1] + noise_std, -1, 1)
+    model = WorldModel(action_size=1, **TINY_MODEL, model="gru")
+    plans = []
+
+    def plan(*args, **kwargs):
+        plans.append(cem_plan(*args, **kwargs))
+        return plans[-1]
+
+    agent = Agent(model, {"horizon": 3, "iterations": 2, "candidates": 8, "top_candidates": 2}, plan=plan)
+    frames = record_encoder_inputs(model)
     episode = play_episode(env, planner_policy(agent, action_noise=0.5))
     assert len(episode["reward"]) == 6 and np.abs(episode["action"]).max() <= 1
-    # The belief was updated with what the env executed (noise and clipping), not with the plan.
-    np.testing.assert_array_equal(np.concatenate(observed), episode["action"][:-1])
-    assert not np.allclose(np.concatenate(planned), episode["action"][1:])
+    frames = torch.cat(frames)
+    assert_frames_are_the_episodes(frames, episode["obs"][:-1])
+    with torch.no_grad():
+        torch.testing.assert_close(agent.belief[0], filtered_belief(model, frames, episode["action"][:-1]))
+    executed, planned = episode["action"][1:], torch.cat(plans).numpy()
+    assert np.abs(executed - planned).max() > 0.1, "the noise was executed"
 
 
 def test_parallel_episodes_are_the_sequential_ones():
     """N envs in worker processes with one batched planner play, for each seed, the episode that
-    one env with that seed replays frame by frame with the recorded actions."""
+    one env with that seed replays frame by frame with the recorded actions, and each agent of the
+    batch filtered its own episode (the `gru` model's filter draws nothing, so it is repeatable)."""
     torch.manual_seed(0)
     seeds = [11, 12, 13]
-    agent = Agent(WorldModel(action_size=1, **TINY_MODEL),
-                  {"horizon": 3, "iterations": 2, "candidates": 8, "top_candidates": 2},
+    model = WorldModel(action_size=1, **TINY_MODEL, model="gru")
+    agent = Agent(model, {"horizon": 3, "iterations": 2, "candidates": 8, "top_candidates": 2},
                   batch_size=len(seeds))
+    frames = record_encoder_inputs(model)
     with contextlib.closing(make_parallel_envs("cartpole-swingup", len(seeds), max_episode_length=48)) as envs:
         episodes = play_episodes(envs, agent, seeds)
     assert len(episodes) == 3
-    for seed, episode in zip(seeds, episodes):
+    frames = torch.stack(frames, 1)  # (N, T, 3, 64, 64)
+    for i, (seed, episode) in enumerate(zip(seeds, episodes)):
         assert episode["obs"].shape == (7, 3, 64, 64) and episode["action"].shape == (7, 1)
         assert (episode["action"][0] == 0).all() and episode["reward"][0] == 0
         replay = make_env("cartpole-swingup", max_episode_length=48)
@@ -127,6 +186,10 @@ def test_parallel_episodes_are_the_sequential_ones():
             obs, reward, *_ = replay.step(episode["action"][t])
             np.testing.assert_array_equal(obs, episode["obs"][t])
             assert reward == pytest.approx(episode["reward"][t])
+        assert_frames_are_the_episodes(frames[i], episode["obs"][:-1])
+        with torch.no_grad():
+            expected = filtered_belief(model, frames[i], episode["action"][:-1])
+        torch.testing.assert_close(agent.belief[i], expected, rtol=1e-5, atol=1e-5)
     # Different seeds start differently, and the agents planned for their own beliefs.
     assert not np.array_equal(episodes[0]["obs"][0], episodes[1]["obs"][0])
     assert not np.array_equal(episodes[0]["action"], episodes[1]["action"])
