@@ -81,3 +81,21 @@ def test_resume_keeps_the_preset(tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse_args(["--resume", str(tmp_path), "--preset", ""])
     assert "--preset  (the run has small)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("clip", [0.05, 1e9])
+def test_gradient_is_clipped_to_the_configured_global_norm(clip):
+    """With SGD at learning rate 1 the step is minus the gradient that the update applied: its
+    global norm is the configured clip when the raw gradient is longer, and the raw one if not."""
+    config = Config(batch_size=2, chunk_length=4, warmup_updates=0, learning_rate=1.0,
+                    grad_clip_norm=clip, **TINY_MODEL)
+    model = WorldModel(2, **TINY_MODEL)
+    buffer = ReplayBuffer(4)
+    buffer.add(make_episode(0, 10))
+    batch = BatchPrefetcher(buffer, config.batch_size, count=1, device="cpu").batch()
+    before = [p.detach().clone() for p in model.parameters()]
+    terms = update(model, torch.optim.SGD(model.parameters()), batch, config, step=0)
+    step = torch.cat([(old - new).flatten() for old, new in zip(before, model.parameters())])
+    assert terms["grad_norm"] > 1, "the raw gradient is longer than the small clip"
+    expected = min(clip, terms["grad_norm"].item())
+    assert step.norm().item() == pytest.approx(expected, rel=1e-4)
