@@ -1,11 +1,13 @@
 """Bit-depth processing, episode files, the replay buffer and the open-loop diagnostics."""
+import subprocess
+import sys
 import threading
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import make_episode
+from conftest import ROOT, make_episode
 from utils import (BatchPrefetcher, ReplayBuffer, episode_paths, load_episode, open_loop_errors,
                    postprocess_observation, preprocess_observation, save_episode)
 
@@ -137,7 +139,7 @@ def test_open_loop_errors_match_a_step_by_step_computation(tiny_model, monkeypat
     errors = open_loop_errors(tiny_model, episodes, horizon, stride)
     torch.manual_seed(0)
     squared = {"reward_mse_open_loop": [], "reward_mse_posterior": [], "image_mse_open_loop": []}
-    targets = []
+    targets, frames = [], []
     with torch.no_grad():
         for episode in episodes:
             obs = preprocess_observation(torch.as_tensor(episode["obs"]))
@@ -163,8 +165,31 @@ def test_open_loop_errors_match_a_step_by_step_computation(tiny_model, monkeypat
                     squared["image_mse_open_loop"].append(
                         float((tiny_model.observation_model(imagined)[0] - obs[t + k]).square().mean()))
                     targets.append(reward)
+                    frames.append(obs[t + k].numpy())
     expected = {name: np.mean(values) for name, values in squared.items()}
     expected["reward_mse_constant"] = np.var(targets)
+    expected["image_mse_constant"] = np.mean((frames - np.mean(frames, 0)) ** 2)
     starts = len(range(0, 21 - horizon, stride)) + len(range(0, 18 - horizon, stride))
     assert len(targets) == horizon * starts
     assert errors == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_freed_memory_stays_mapped(keep):
+    """After `keep_freed_memory`, a freed 400 MB tensor stays in the process for the next one;
+    without it glibc unmaps the tensor at once. In a fresh process, whose heap nothing else shaped."""
+    script = f"""
+import os, torch, utils
+def rss_mb():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+if {keep}:
+    utils.keep_freed_memory()
+before = rss_mb()
+tensor = torch.ones(100_000_000)
+del tensor
+print(rss_mb() - before)
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
+                            check=True)
+    kept_mb = float(result.stdout)
+    assert kept_mb > 350 if keep else kept_mb < 50, kept_mb
