@@ -291,7 +291,7 @@ class WorldModel(nn.Module):
         kl_loss = (kl - free_nats).clamp(min=0).mean()
         total = image_nll + reward_scale * reward_nll + kl_loss
         terms = {"image": image_nll, "reward": reward_nll, "kl": kl.mean(), "kl_free": kl_loss}
-        if overshooting_distance > 0:
+        if overshooting_distance >= 2:  # d = 1 is the KL above; overshooting adds d = 2..D.
             overshooting = self._overshooting_kl(beliefs, posteriors, actions, overshooting_distance,
                                                  free_nats)
             total = total + overshooting_kl_beta * overshooting
@@ -300,22 +300,32 @@ class WorldModel(nn.Module):
         return total, {name: value.detach() for name, value in terms.items()}
 
     def _overshooting_kl(self, beliefs, posteriors, actions, distance, free_nats):
-        """Latent overshooting (Sec. 4): from each posterior at t, predict d = 1..D steps open loop
-        and match the prior at t + d to the posterior there, whose gradient is stopped.
-        Every start t is rolled out in one batch of `(T * B)`."""
+        """Latent overshooting (Sec. 4, Eq. 7) as the official code computes it (`[:, :, 1:-1]` of
+        `tools/overshooting.py` in `training/utility.py`): from each start, predict d = 1..D steps
+        open loop with the prior and match the prior at each d = 2..D to the posterior there,
+        whose gradient is stopped. d = 1 is left out: it is the one-step KL the loss already has.
+
+        Column c of `(T, B)` starts from the posterior at c - 1, and column 0 from the initial
+        zero state, as the filter does; step d of column c takes `actions[c + d - 1]` and its
+        target is the posterior at c + d - 1. Pairs whose target lies past the chunk are masked.
+        Free nats apply per element; the mean is over the valid pairs of each d, then over d.
+        Every column is rolled out in one batch of `(T * B)`.
+        """
         steps, batch = actions.shape[:2]
-        belief = beliefs.reshape(steps * batch, -1)
-        state = posteriors.sample.reshape(steps * batch, -1)
-        start = torch.arange(steps, device=actions.device)
+        belief, state = (torch.cat([start[None], x[:-1]]).reshape(steps * batch, -1) for start, x in
+                         zip(self.rssm.initial(batch, actions.device), (beliefs, posteriors.sample)))
+        column = torch.arange(steps, device=actions.device)
         kls = []
-        for d in range(1, min(distance, steps - 1) + 1):
-            target = (start + d).clamp(max=steps - 1)  # Starts past the end are masked below.
+        for d in range(1, min(distance, steps) + 1):
+            target = (column + d - 1).clamp(max=steps - 1)  # Targets past the end are masked below.
             action = actions[target].reshape(steps * batch, -1)
             belief, prior = self.rssm.img_step(state, action, belief)
             state = prior.sample
+            if d == 1:
+                continue
             posterior = Gaussian(*(x[target].reshape(steps * batch, -1).detach() for x in posteriors))
             kl = gaussian_kl(posterior, prior).reshape(steps, batch)
-            valid = (start + d < steps).unsqueeze(1)
+            valid = (column + d <= steps).unsqueeze(1)
             kls.append(((kl - free_nats).clamp(min=0) * valid).sum() / (valid.sum() * batch))
         return torch.stack(kls).mean()
 

@@ -104,7 +104,8 @@ class Config:
     bit_depth: int = option(5, "bits per colour channel of the observations")
     free_nats: float = option(3.0, "KL below this many nats is not penalised")
     reward_scale: float = option(10.0, "weight of the reward log-likelihood")
-    overshooting_distance: int = option(0, "latent overshooting distance D (0: off, as the paper's agent)")
+    overshooting_distance: int = option(0, "latent overshooting up to distance D: the KLs of d = 2..D "
+                                           "(0: off, as the paper's agent)")
     overshooting_kl_beta: float = option(1.0, "weight of the latent overshooting KL")
     learning_rate: float = option(1e-3, "Adam learning rate")
     warmup_updates: int = option(200, "updates over which the learning rate ramps up linearly from 0 "
@@ -205,7 +206,10 @@ def parse_args(argv=None):
     too_small = [f"--{name.replace('_', '-')}" for name in POSITIVE if getattr(config, name) < 1]
     if too_small:
         parser.error(f"{', '.join(too_small)} must be at least 1")
-    if config.overshooting_distance > 0 and config.chunk_length < 2:
+    if config.overshooting_distance == 1 or config.overshooting_distance < 0:
+        parser.error("--overshooting-distance must be 0 (off) or at least 2: overshooting adds the "
+                     "KLs of d = 2..D to the one-step KL (d = 1) that the loss always has")
+    if config.overshooting_distance and config.chunk_length < 2:
         parser.error("latent overshooting needs --chunk-length of at least 2")
     if config.nan_policy not in ("stop", "skip"):
         parser.error("--nan-policy must be stop or skip")

@@ -145,23 +145,27 @@ def test_free_nats_gate_the_kl_gradient_for_prior_and_posterior(tiny_model):
 
 
 def independent_overshooting_kl(model, beliefs, posteriors, actions, distance, free_nats):
-    """Latent overshooting written out per start t and distance d, for a `mean_only` model (its
-    rollouts draw nothing): the KL of the prior d steps ahead of t to the posterior at t + d, over
-    the pairs with t + d inside the chunk, free nats per element, averaged per d then over d."""
+    """Latent overshooting step by step as the official `tools/overshooting.py` and
+    `training/utility.py` compute it, for a `mean_only` model (its rollouts draw nothing): column
+    t starts from the posterior at t - 1 (the zero state for t = 0) and its step k = 0, 1, ...
+    takes `actions[t + k]` to the prior of distance d = k + 1, matched to the posterior at t + k.
+    Only d = 2..D count, only targets inside the chunk; free nats per element, the mean over the
+    valid pairs of each d, then over d."""
     steps, batch = actions.shape[:2]
-    per_distance = []
-    for d in range(1, min(distance, steps - 1) + 1):
-        kls = []
-        for t in range(steps - d):
-            belief, state = beliefs[t], posteriors.sample[t]
-            for k in range(1, d + 1):
-                belief, prior = model.rssm.img_step(state, actions[t + k], belief)
-                state = prior.sample
-            target = Normal(posteriors.mean[t + d], posteriors.std[t + d])
-            kl = kl_divergence(target, Normal(prior.mean, prior.std)).sum(-1)
-            kls.append(torch.clamp(kl - free_nats, min=0))
-        per_distance.append(torch.stack(kls).mean())
-    return torch.stack(per_distance).mean()
+    per_distance = {d: [] for d in range(2, distance + 1)}
+    for t in range(steps):
+        if t == 0:
+            belief, state = model.rssm.initial(batch, "cpu")
+        else:
+            belief, state = beliefs[t - 1], posteriors.sample[t - 1]
+        for k in range(min(distance, steps - t)):
+            belief, prior = model.rssm.img_step(state, actions[t + k], belief)
+            state = prior.sample
+            if k + 1 >= 2:
+                target = Normal(posteriors.mean[t + k], posteriors.std[t + k])
+                kl = kl_divergence(target, Normal(prior.mean, prior.std)).sum(-1)
+                per_distance[k + 1].append(torch.clamp(kl - free_nats, min=0))
+    return torch.stack([torch.stack(kls).mean() for kls in per_distance.values() if kls]).mean()
 
 
 def overshooting_inputs(model, steps=6, batch=2):
@@ -180,7 +184,7 @@ def test_latent_overshooting_matches_independent_computation(free_nats):
     torch.manual_seed(0)
     model = WorldModel(2, **TINY_MODEL, model="gru")
     beliefs, posteriors, actions = overshooting_inputs(model)
-    for distance in (1, 3, 5, 9):
+    for distance in (2, 3, 6, 9):
         expected = independent_overshooting_kl(model, beliefs, posteriors, actions, distance, free_nats)
         result = model._overshooting_kl(beliefs, posteriors, actions, distance, free_nats)
         torch.testing.assert_close(result, expected)
@@ -202,9 +206,9 @@ def test_latent_overshooting_adds_a_term_and_stops_target_gradients(tiny_model):
     tiny_model._overshooting_kl(beliefs, posteriors, actions, 3, 0.0).backward()
     assert posteriors.mean.grad is None and posteriors.std.grad is None
     start_grad = posteriors.sample.grad.abs().sum((1, 2))
-    assert (start_grad[:-1] > 0).all(), "every start with a step ahead in the chunk is trained"
-    assert start_grad[-1] == 0, "the last step has no step ahead to be matched to"
-    assert (beliefs.grad.abs().sum((1, 2))[:-1] > 0).all()
+    assert (start_grad[:-2] > 0).all(), "every start with two steps ahead in the chunk is trained"
+    assert (start_grad[-2:] == 0).all(), "the last two steps have no target two steps ahead"
+    assert (beliefs.grad.abs().sum((1, 2))[:-2] > 0).all()
 
 
 def test_open_loop_prediction_uses_posteriors_then_prior(tiny_model):

@@ -99,3 +99,12 @@ def test_gradient_is_clipped_to_the_configured_global_norm(clip):
     assert terms["grad_norm"] > 1, "the raw gradient is longer than the small clip"
     expected = min(clip, terms["grad_norm"].item())
     assert step.norm().item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_overshooting_distance_one_is_refused(capsys):
+    """d = 1 is the loss's one-step KL: a distance of 1 would overshoot nothing."""
+    assert parse_args(["--overshooting-distance", "2"])[0].overshooting_distance == 2
+    for distance in ("1", "-3"):
+        with pytest.raises(SystemExit):
+            parse_args(["--overshooting-distance", distance])
+        assert "--overshooting-distance must be 0 (off) or at least 2" in capsys.readouterr().err
