@@ -72,6 +72,14 @@ class Encoder(nn.Module):
         return embed.float().reshape(*batch_shape, self.embed_size)
 
 
+def gaussian_layer(in_size, state_size):
+    """The linear layer of a Gaussian's mean and pre-softplus std, `(..., in)` -> `(..., 2 S)`:
+    one layer where the official code has two (`glorot_init` treats it as two)."""
+    layer = nn.Linear(in_size, 2 * state_size)
+    layer.gaussian_parameters = True
+    return layer
+
+
 def gaussian(params, mean_only=False):
     """Split `(..., 2 * S)` into the mean and the pre-softplus std of a diagonal Gaussian and draw
     one sample (the mean itself when `mean_only`, official `mean_only`)."""
@@ -79,6 +87,52 @@ def gaussian(params, mean_only=False):
     # On a CPU softplus runs 10x faster on a contiguous copy than on this strided half.
     std = F.softplus(std.contiguous()) + MIN_STD
     return Gaussian(mean, std, mean if mean_only else mean + std * torch.randn_like(std))
+
+
+class BlockGRUCell(nn.Module):
+    """The GRU of the official RSSM, TensorFlow's `GRUBlockCell` (`--gru-cell block`):
+
+    [r, u] = sigmoid(W_ru [x, h] + b_ru),   c = tanh(W_c [x, r * h] + b_c),   h' = u * h + (1 - u) * c
+
+    The reset gate acts before the recurrent product, and there is one bias per gate, starting at
+    1 for the gates and 0 for the candidate; kernels are Glorot-uniform over `[x, h]`, TensorFlow's
+    default. `nn.GRUCell` (`--gru-cell torch`) applies r after the product and has two biases.
+    `(B, input_size)`, `(B, hidden_size)` -> `(B, hidden_size)`.
+    """
+
+    def __init__(self, input_size, hidden_size):
+        super().__init__()
+        self.gates = nn.Linear(input_size + hidden_size, 2 * hidden_size)
+        self.candidate = nn.Linear(input_size + hidden_size, hidden_size)
+        for layer, bias in ((self.gates, 1.0), (self.candidate, 0.0)):
+            nn.init.xavier_uniform_(layer.weight)
+            nn.init.constant_(layer.bias, bias)
+
+    def forward(self, x, h):
+        reset, update = torch.sigmoid(self.gates(torch.cat([x, h], -1))).chunk(2, -1)
+        candidate = torch.tanh(self.candidate(torch.cat([x, reset * h], -1)))
+        return update * h + (1 - update) * candidate
+
+
+GRU_CELLS = ("torch", "block")
+INITS = ("torch", "glorot")
+
+
+def glorot_init(model):
+    """TensorFlow's default initialisation, as the official `tf.layers` get it (`--init glorot`):
+    Glorot-uniform kernels and zero biases for every linear and conv layer. A layer that holds a
+    Gaussian's mean and std `(2 S)` is initialised as the official two layers of S. The GRU cell
+    keeps its own initialisation (`nn.GRUCell`'s, or `BlockGRUCell`'s, which is TensorFlow's)."""
+    cells = {id(p) for m in model.modules() if isinstance(m, (nn.GRUCell, BlockGRUCell))
+             for p in m.parameters()}
+    for module in model.modules():
+        if not isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)) or id(module.weight) in cells:
+            continue
+        halves = 2 if getattr(module, "gaussian_parameters", False) else 1
+        with torch.no_grad():
+            for half in module.weight.chunk(halves):
+                half.copy_(nn.init.xavier_uniform_(torch.empty_like(half)))
+        nn.init.zeros_(module.bias)
 
 
 class TransitionModel(nn.Module):
@@ -142,16 +196,17 @@ class RSSM(TransitionModel):
     """
 
     def __init__(self, action_size, belief_size=200, state_size=30, hidden_size=200, embed_size=1024,
-                 mean_only=False):
+                 mean_only=False, gru_cell="torch"):
         super().__init__()
         self.action_size, self.belief_size, self.state_size = action_size, belief_size, state_size
         self.mean_only = mean_only
         self.fc_state_action = nn.Linear(state_size + action_size, hidden_size)
-        self.gru = nn.GRUCell(hidden_size, belief_size)
+        cell = BlockGRUCell if gru_cell == "block" else nn.GRUCell
+        self.gru = cell(hidden_size, belief_size)
         self.fc_prior_hidden = nn.Linear(belief_size, hidden_size)
-        self.fc_prior = nn.Linear(hidden_size, 2 * state_size)
+        self.fc_prior = gaussian_layer(hidden_size, state_size)
         self.fc_posterior_hidden = nn.Linear(belief_size + embed_size, hidden_size)
-        self.fc_posterior = nn.Linear(hidden_size, 2 * state_size)
+        self.fc_posterior = gaussian_layer(hidden_size, state_size)
 
     def img_step(self, state, action, belief):
         """One prior step: `(B, S)`, `(B, A)`, `(B, H)` -> belief `(B, H)`, prior `Gaussian`."""
@@ -182,9 +237,9 @@ class SSM(TransitionModel):
         super().__init__()
         self.action_size, self.belief_size, self.state_size = action_size, 0, state_size
         self.fc_transition_hidden = nn.Linear(state_size + action_size, hidden_size)
-        self.fc_transition = nn.Linear(hidden_size, 2 * state_size)
+        self.fc_transition = gaussian_layer(hidden_size, state_size)
         self.fc_posterior_hidden = nn.Linear(2 * state_size + embed_size, hidden_size)
-        self.fc_posterior = nn.Linear(hidden_size, 2 * state_size)
+        self.fc_posterior = gaussian_layer(hidden_size, state_size)
 
     def img_step(self, state, action, belief):
         """One prior step: `(B, S)`, `(B, A)`, empty `(B, 0)` -> the same belief, prior `Gaussian`."""
@@ -201,14 +256,17 @@ class SSM(TransitionModel):
 MODELS = ("rssm", "ssm", "gru")
 
 
-def transition_model(name, action_size, belief_size=200, state_size=30, hidden_size=200, embed_size=1024):
+def transition_model(name, action_size, belief_size=200, state_size=30, hidden_size=200, embed_size=1024,
+                     gru_cell="torch"):
     """The transition model `name` of MODELS: `rssm` (PlaNet), `ssm` (stochastic only; it has no
-    belief, so `belief_size` is unused) or `gru` (deterministic only: the RSSM with mean samples)."""
+    belief, so `belief_size` and `gru_cell` are unused) or `gru` (deterministic only: the RSSM with
+    mean samples). `gru_cell` is one of GRU_CELLS."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODELS)}")
     if name == "ssm":
         return SSM(action_size, state_size, hidden_size, embed_size)
-    return RSSM(action_size, belief_size, state_size, hidden_size, embed_size, mean_only=name == "gru")
+    return RSSM(action_size, belief_size, state_size, hidden_size, embed_size, mean_only=name == "gru",
+                gru_cell=gru_cell)
 
 
 def features(belief, state):
@@ -260,17 +318,24 @@ class RewardModel(nn.Module):
 class WorldModel(nn.Module):
     """The four networks trained together; one `state_dict` holds them all. `rssm` is the
     transition model: PlaNet's RSSM, or with `model` one of the designs of Figure 4 (MODELS),
-    which share its interface (`TransitionModel`). `bf16` runs the encoder and the decoder under
-    bf16 autocast (`--bf16`), a setting of the computation, not of the weights."""
+    which share its interface (`TransitionModel`). `gru_cell` (GRU_CELLS) and `init` (INITS) choose
+    between PyTorch's GRU and initialisation and the official TensorFlow ones. `bf16` runs the
+    encoder and the decoder under bf16 autocast (`--bf16`), a setting of the computation, not of
+    the weights."""
 
     def __init__(self, action_size, belief_size=200, state_size=30, hidden_size=200,
-                 cnn_depth=32, reward_hidden_size=300, model="rssm", bf16=False):
+                 cnn_depth=32, reward_hidden_size=300, model="rssm", bf16=False, gru_cell="torch",
+                 init="torch"):
         super().__init__()
+        if gru_cell not in GRU_CELLS or init not in INITS:
+            raise ValueError(f"gru_cell must be one of {GRU_CELLS} and init one of {INITS}")
         self.encoder = Encoder(cnn_depth, bf16)
         self.rssm = transition_model(model, action_size, belief_size, state_size, hidden_size,
-                                     self.encoder.embed_size)
+                                     self.encoder.embed_size, gru_cell)
         self.observation_model = ObservationModel(self.rssm.feature_size, cnn_depth, bf16)
         self.reward_model = RewardModel(self.rssm.feature_size, reward_hidden_size)
+        if init == "glorot":
+            glorot_init(self)
 
     def loss(self, obs, actions, rewards, free_nats=3.0, reward_scale=10.0,
              overshooting_distance=0, overshooting_kl_beta=1.0):

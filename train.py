@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from agent import (Agent, captured_cem_plan, cem_plan, compiled_rollout_returns, planner_policy,
                    play_episode, play_episodes, random_policy, rollout_returns)
-from model import MODELS, WorldModel
+from model import GRU_CELLS, INITS, MODELS, WorldModel
 from utils import (BatchPrefetcher, DeviceReplayBuffer, ReplayBuffer, append_jsonl, atomic_write,
                    derive_seed, episode_index, episode_paths, global_rng_state, keep_freed_memory,
                    load_episode, open_loop_errors, open_loop_frames, pack_random_state, read_jsonl,
@@ -95,6 +95,10 @@ class Config:
     # Model.
     model: str = option("rssm", "transition model: rssm (PlaNet), ssm (stochastic only) or gru "
                         "(deterministic only), the designs of Sec. 5, Figure 4")
+    gru_cell: str = option("torch", "the RSSM's GRU: torch (nn.GRUCell) or block (the official "
+                           "TensorFlow GRUBlockCell: reset gate before the recurrent product)")
+    init: str = option("torch", "initialisation: torch (PyTorch's defaults) or glorot (the official "
+                       "TensorFlow default: Glorot-uniform kernels, zero biases)")
     belief_size: int = option(200, "GRU belief size (deterministic state h; unused by the ssm)")
     state_size: int = option(30, "stochastic state size (s)")
     hidden_size: int = option(200, "hidden layer size of the transition model")
@@ -215,6 +219,10 @@ def parse_args(argv=None):
         parser.error("--nan-policy must be stop or skip")
     if config.model not in MODELS:
         parser.error(f"--model must be one of {', '.join(MODELS)}")
+    if config.gru_cell not in GRU_CELLS:
+        parser.error(f"--gru-cell must be one of {', '.join(GRU_CELLS)}")
+    if config.init not in INITS:
+        parser.error(f"--init must be one of {', '.join(INITS)}")
     if config.collect not in ("planner", "random"):
         parser.error("--collect must be planner or random")
     if config.top_candidates > config.candidates:
@@ -227,7 +235,8 @@ def parse_args(argv=None):
 
 def build_model(config, action_size):
     return WorldModel(action_size, config.belief_size, config.state_size, config.hidden_size,
-                      config.cnn_depth, config.reward_hidden_size, config.model, config.bf16)
+                      config.cnn_depth, config.reward_hidden_size, config.model, config.bf16,
+                      config.gru_cell, config.init)
 
 
 def build_replay(config, device):
@@ -264,7 +273,7 @@ def read_checkpoint(run_dir, config, model, device):
     saved = checkpoint.get("config", {}) if isinstance(checkpoint, dict) else {}
     # A setting missing from an older checkpoint had its default then.
     mismatched = [f"{name} {saved.get(name, getattr(Config, name))} != {getattr(config, name)}"
-                  for name in ("task", "model", "belief_size", "state_size", "hidden_size",
+                  for name in ("task", "model", "gru_cell", "belief_size", "state_size", "hidden_size",
                                "reward_hidden_size", "cnn_depth")
                   if saved.get(name, getattr(Config, name)) != getattr(config, name)]
     if mismatched:

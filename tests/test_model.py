@@ -1,14 +1,15 @@
 """Shapes, parameter counts and the loss of the world model, against independent computations."""
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.distributions import Normal, kl_divergence
 
 from conftest import TINY_MODEL
-from model import (MODELS, RSSM, SSM, Encoder, Gaussian, ObservationModel, RewardModel, WorldModel,
-                   gaussian_kl)
+from model import (MODELS, RSSM, SSM, BlockGRUCell, Encoder, Gaussian, ObservationModel, RewardModel,
+                   WorldModel, gaussian_kl)
 
 
 def count(module):
@@ -40,6 +41,57 @@ def test_shapes(variant, belief_size):
     assert reward(feature).shape == (5, 2)
     imagined_beliefs, imagined_states = rssm.imagine(torch.zeros(7, 2, 6), beliefs[-1], posteriors.sample[-1])
     assert imagined_beliefs.shape == (7, 2, belief_size) and imagined_states.shape == (7, 2, 30)
+
+
+def test_block_gru_cell_is_tensorflows():
+    """`--gru-cell block`: TensorFlow's GRUBlockCell (contrib `gru_ops.h`), written out in numpy:
+    r and u from one sigmoid layer on [x, h], the candidate from [x, r * h], h' = u h + (1 - u) c;
+    gate biases start at 1, the candidate's at 0."""
+    torch.manual_seed(0)
+    cell = BlockGRUCell(3, 5)
+    assert (cell.gates.bias == 1).all() and (cell.candidate.bias == 0).all()
+    assert count(cell) == 8 * 10 + 10 + 8 * 5 + 5  # One bias per gate; nn.GRUCell has two.
+    with torch.no_grad():
+        for parameter in cell.parameters():
+            parameter.normal_()
+    x, h = torch.randn(4, 3), torch.randn(4, 5)
+    w_ru, b_ru = cell.gates.weight.detach().numpy().T, cell.gates.bias.detach().numpy()
+    w_c, b_c = cell.candidate.weight.detach().numpy().T, cell.candidate.bias.detach().numpy()
+    xn, hn = x.numpy(), h.numpy()
+    ru = 1 / (1 + np.exp(-(np.concatenate([xn, hn], 1) @ w_ru + b_ru)))
+    r, u = ru[:, :5], ru[:, 5:]
+    c = np.tanh(np.concatenate([xn, r * hn], 1) @ w_c + b_c)
+    np.testing.assert_allclose(cell(x, h).detach().numpy(), u * hn + (1 - u) * c, rtol=1e-5, atol=1e-6)
+
+
+def glorot_limit(fan_in, fan_out):
+    return math.sqrt(6 / (fan_in + fan_out))
+
+
+def test_glorot_init_is_tensorflows_default():
+    """`--init glorot`: every linear and conv layer gets U(+-sqrt(6 / (fan_in + fan_out))) kernels
+    and zero biases, a Gaussian's (mean, std) layer as two layers of S outputs; the GRU keeps its
+    own. With PyTorch's default, biases are not zero."""
+    torch.manual_seed(0)
+    model = WorldModel(6, init="glorot", gru_cell="block")
+    expected = {  # (kernel fan in, kernel fan out) of each layer, as TensorFlow counts them.
+        "encoder.convs.0": (3 * 16, 32 * 16), "encoder.convs.6": (128 * 16, 256 * 16),
+        "observation_model.fc": (230, 1024), "observation_model.deconvs.0": (1024 * 25, 128 * 25),
+        "observation_model.deconvs.6": (32 * 36, 3 * 36), "reward_model.net.0": (230, 300),
+        "rssm.fc_state_action": (36, 200), "rssm.fc_prior": (200, 30), "rssm.fc_posterior_hidden": (1224, 200),
+        "rssm.gru.gates": (400, 400), "rssm.gru.candidate": (400, 200)}
+    modules = dict(model.named_modules())
+    for name, fans in expected.items():
+        weight, limit = modules[name].weight, glorot_limit(*fans)
+        assert weight.abs().max() <= limit
+        spread = 4 / math.sqrt(2 * weight.numel())  # 4 standard errors of a sample std.
+        assert weight.std().item() == pytest.approx(limit / math.sqrt(3), rel=spread), name
+    biases = {name: module.bias for name, module in modules.items()
+              if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.ConvTranspose2d))}
+    assert all((bias == (1 if name == "rssm.gru.gates" else 0)).all() for name, bias in biases.items())
+    default = WorldModel(6)
+    assert default.reward_model.net[0].bias.abs().sum() > 0
+    assert default.rssm.gru.bias_ih.abs().sum() > 0
 
 
 def test_ssm_sizes_follow_the_official_code():

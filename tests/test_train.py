@@ -108,3 +108,14 @@ def test_overshooting_distance_one_is_refused(capsys):
         with pytest.raises(SystemExit):
             parse_args(["--overshooting-distance", distance])
         assert "--overshooting-distance must be 0 (off) or at least 2" in capsys.readouterr().err
+
+
+def test_official_gru_and_init_are_options(capsys):
+    config = parse_args(["--gru-cell", "block", "--init", "glorot"])[0]
+    assert (config.gru_cell, config.init) == ("block", "glorot")
+    assert (Config().gru_cell, Config().init) == ("torch", "torch")
+    for flag, value, message in (("--gru-cell", "lstm", "--gru-cell must be one of torch, block"),
+                                 ("--init", "orthogonal", "--init must be one of torch, glorot")):
+        with pytest.raises(SystemExit):
+            parse_args([flag, value])
+        assert message in capsys.readouterr().err
