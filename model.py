@@ -44,6 +44,11 @@ def gaussian_nll(target, mean, dims):
     return 0.5 * squared + 0.5 * LOG_2PI * math.prod(target.shape[target.dim() - dims:])
 
 
+def masked_mean(x, valid):
+    """Mean of `x (T, B)` over the rows where `valid (T, 1)` holds."""
+    return (x * valid).sum() / (valid.sum() * x.shape[1])
+
+
 def conv_autocast(device, enabled):
     """bf16 autocast for the conv nets (`--bf16`), or nothing. Their outputs go back to float32 so
     that the RSSM, the KL and the sums of the log-likelihoods stay in float32."""
@@ -337,10 +342,12 @@ class WorldModel(nn.Module):
         if init == "glorot":
             glorot_init(self)
 
-    def loss(self, obs, actions, rewards, free_nats=3.0, reward_scale=10.0,
-             overshooting_distance=0, overshooting_kl_beta=1.0):
-        """The negative ELBO of Eq. 3, averaged over batch and time, plus optional latent
-        overshooting (Eq. 7).
+    def loss(self, obs, actions, rewards, free_nats=3.0, reward_scale=10.0, overshooting_distance=0,
+             overshooting_kl_beta=1.0, overshooting_reward_scale=0.0, global_kl_beta=0.0):
+        """The negative ELBO of Eq. 3, averaged over batch and time, plus the options of the
+        official code: latent overshooting (Eq. 7) of the KL up to `overshooting_distance`, weighted
+        by `overshooting_kl_beta`, and of the reward, weighted by `overshooting_reward_scale`; and
+        the global KL prior, KL(posterior || N(0, I)) weighted by `global_kl_beta`.
 
         obs `(T, B, 3, 64, 64)` preprocessed, actions `(T, B, A)` with `actions[t]` the action that
         led to `obs[t]`, rewards `(T, B)` received on that transition.
@@ -356,31 +363,41 @@ class WorldModel(nn.Module):
         kl_loss = (kl - free_nats).clamp(min=0).mean()
         total = image_nll + reward_scale * reward_nll + kl_loss
         terms = {"image": image_nll, "reward": reward_nll, "kl": kl.mean(), "kl_free": kl_loss}
+        if global_kl_beta > 0:  # No free nats (camera-ready `training/utility.py`).
+            unit = Gaussian(torch.zeros_like(posteriors.mean), torch.ones_like(posteriors.std), None)
+            terms["global_kl"] = gaussian_kl(posteriors, unit).mean()
+            total = total + global_kl_beta * terms["global_kl"]
         if overshooting_distance >= 2:  # d = 1 is the KL above; overshooting adds d = 2..D.
-            overshooting = self._overshooting_kl(beliefs, posteriors, actions, overshooting_distance,
-                                                 free_nats)
-            total = total + overshooting_kl_beta * overshooting
-            terms["overshooting_kl"] = overshooting
+            overshooting_kl, overshooting_reward = self._overshooting(
+                beliefs, posteriors, actions, rewards, overshooting_distance, free_nats,
+                with_reward=overshooting_reward_scale > 0)
+            total = total + overshooting_kl_beta * overshooting_kl
+            terms["overshooting_kl"] = overshooting_kl
+            if overshooting_reward is not None:
+                total = total + overshooting_reward_scale * overshooting_reward
+                terms["overshooting_reward"] = overshooting_reward
         terms["total"] = total
         return total, {name: value.detach() for name, value in terms.items()}
 
-    def _overshooting_kl(self, beliefs, posteriors, actions, distance, free_nats):
+    def _overshooting(self, beliefs, posteriors, actions, rewards, distance, free_nats, with_reward):
         """Latent overshooting (Sec. 4, Eq. 7) as the official code computes it (`[:, :, 1:-1]` of
         `tools/overshooting.py` in `training/utility.py`): from each start, predict d = 1..D steps
         open loop with the prior and match the prior at each d = 2..D to the posterior there,
         whose gradient is stopped. d = 1 is left out: it is the one-step KL the loss already has.
+        `with_reward`: also the reward model's NLL on those open-loop states (the first official
+        release's reward overshooting), else None.
 
         Column c of `(T, B)` starts from the posterior at c - 1, and column 0 from the initial
         zero state, as the filter does; step d of column c takes `actions[c + d - 1]` and its
-        target is the posterior at c + d - 1. Pairs whose target lies past the chunk are masked.
-        Free nats apply per element; the mean is over the valid pairs of each d, then over d.
-        Every column is rolled out in one batch of `(T * B)`.
+        target is the posterior (and reward) at c + d - 1. Pairs whose target lies past the chunk
+        are masked. Free nats apply per element of the KL; each term is the mean over the valid
+        pairs of each d, then over d. Every column is rolled out in one batch of `(T * B)`.
         """
         steps, batch = actions.shape[:2]
         belief, state = (torch.cat([start[None], x[:-1]]).reshape(steps * batch, -1) for start, x in
                          zip(self.rssm.initial(batch, actions.device), (beliefs, posteriors.sample)))
         column = torch.arange(steps, device=actions.device)
-        kls = []
+        kls, reward_nlls = [], []
         for d in range(1, min(distance, steps) + 1):
             target = (column + d - 1).clamp(max=steps - 1)  # Targets past the end are masked below.
             action = actions[target].reshape(steps * batch, -1)
@@ -388,11 +405,14 @@ class WorldModel(nn.Module):
             state = prior.sample
             if d == 1:
                 continue
+            valid = (column + d <= steps).unsqueeze(1)
             posterior = Gaussian(*(x[target].reshape(steps * batch, -1).detach() for x in posteriors))
             kl = gaussian_kl(posterior, prior).reshape(steps, batch)
-            valid = (column + d <= steps).unsqueeze(1)
-            kls.append(((kl - free_nats).clamp(min=0) * valid).sum() / (valid.sum() * batch))
-        return torch.stack(kls).mean()
+            kls.append(masked_mean((kl - free_nats).clamp(min=0), valid))
+            if with_reward:
+                predicted = self.reward_model(features(belief, state)).reshape(steps, batch)
+                reward_nlls.append(masked_mean(gaussian_nll(rewards[target], predicted, dims=0), valid))
+        return torch.stack(kls).mean(), torch.stack(reward_nlls).mean() if with_reward else None
 
     @torch.no_grad()
     def predict_open_loop(self, obs, actions, context):

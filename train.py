@@ -111,6 +111,11 @@ class Config:
     overshooting_distance: int = option(0, "latent overshooting up to distance D: the KLs of d = 2..D "
                                            "(0: off, as the paper's agent)")
     overshooting_kl_beta: float = option(1.0, "weight of the latent overshooting KL")
+    overshooting_reward_scale: float = option(0.0, "weight of reward overshooting, the reward NLL "
+                                              "on the same open-loop states (0: off; the first "
+                                              "official release used 100)")
+    global_kl_beta: float = option(0.0, "weight of the global KL prior, KL(posterior || N(0, I)) "
+                                   "(0: off; the first official release used 0.1)")
     learning_rate: float = option(1e-3, "Adam learning rate")
     warmup_updates: int = option(200, "updates over which the learning rate ramps up linearly from 0 "
                                  "(official: 10,000 sequences = 200 updates of 50); 0: off")
@@ -215,6 +220,12 @@ def parse_args(argv=None):
                      "KLs of d = 2..D to the one-step KL (d = 1) that the loss always has")
     if config.overshooting_distance and config.chunk_length < 2:
         parser.error("latent overshooting needs --chunk-length of at least 2")
+    if config.overshooting_reward_scale and not config.overshooting_distance:
+        parser.error("--overshooting-reward-scale needs --overshooting-distance: it overshoots the "
+                     "reward on the latent overshooting rollouts")
+    if min(config.overshooting_reward_scale, config.global_kl_beta, config.overshooting_kl_beta) < 0:
+        parser.error("--overshooting-kl-beta, --overshooting-reward-scale and --global-kl-beta "
+                     "must be at least 0")
     if config.nan_policy not in ("stop", "skip"):
         parser.error("--nan-policy must be stop or skip")
     if config.model not in MODELS:
@@ -328,7 +339,8 @@ def update(model, optimizer, batch, config, step, loss_fn=None):
         group["lr"] = config.learning_rate * warmup
     obs, actions, rewards = batch
     loss, terms = (loss_fn or model.loss)(obs, actions, rewards, config.free_nats, config.reward_scale,
-                                          config.overshooting_distance, config.overshooting_kl_beta)
+                                          config.overshooting_distance, config.overshooting_kl_beta,
+                                          config.overshooting_reward_scale, config.global_kl_beta)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip_norm)

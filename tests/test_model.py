@@ -196,15 +196,15 @@ def test_free_nats_gate_the_kl_gradient_for_prior_and_posterior(tiny_model):
     assert not torch.allclose(posterior_grad, free_posterior_grad), "the KL must train the posterior"
 
 
-def independent_overshooting_kl(model, beliefs, posteriors, actions, distance, free_nats):
+def independent_overshooting(model, beliefs, posteriors, actions, rewards, distance, free_nats):
     """Latent overshooting step by step as the official `tools/overshooting.py` and
     `training/utility.py` compute it, for a `mean_only` model (its rollouts draw nothing): column
     t starts from the posterior at t - 1 (the zero state for t = 0) and its step k = 0, 1, ...
-    takes `actions[t + k]` to the prior of distance d = k + 1, matched to the posterior at t + k.
-    Only d = 2..D count, only targets inside the chunk; free nats per element, the mean over the
-    valid pairs of each d, then over d."""
+    takes `actions[t + k]` to the prior of distance d = k + 1, matched to the posterior and the
+    reward at t + k. Only d = 2..D count, only targets inside the chunk; free nats per element of
+    the KL, the mean over the valid pairs of each d, then over d. -> the KL and the reward NLL."""
     steps, batch = actions.shape[:2]
-    per_distance = {d: [] for d in range(2, distance + 1)}
+    kls, reward_nlls = {}, {}
     for t in range(steps):
         if t == 0:
             belief, state = model.rssm.initial(batch, "cpu")
@@ -216,51 +216,78 @@ def independent_overshooting_kl(model, beliefs, posteriors, actions, distance, f
             if k + 1 >= 2:
                 target = Normal(posteriors.mean[t + k], posteriors.std[t + k])
                 kl = kl_divergence(target, Normal(prior.mean, prior.std)).sum(-1)
-                per_distance[k + 1].append(torch.clamp(kl - free_nats, min=0))
-    return torch.stack([torch.stack(kls).mean() for kls in per_distance.values() if kls]).mean()
+                kls.setdefault(k + 1, []).append(torch.clamp(kl - free_nats, min=0))
+                predicted = model.reward_model(torch.cat([state, belief], -1))
+                reward_nlls.setdefault(k + 1, []).append(-Normal(predicted, 1.0).log_prob(rewards[t + k]))
+    return tuple(torch.stack([torch.stack(values).mean() for values in per_distance.values()]).mean()
+                 for per_distance in (kls, reward_nlls))
 
 
 def overshooting_inputs(model, steps=6, batch=2):
-    """Beliefs, posteriors and actions of a chunk, each a leaf tensor that records its gradient."""
+    """Beliefs, posteriors, actions and rewards of a chunk; the first two are leaf tensors that
+    record their gradients."""
     torch.manual_seed(0)
     obs, actions = torch.rand(steps, batch, 3, 64, 64) - 0.5, torch.rand(steps, batch, 2) * 2 - 1
     with torch.no_grad():
         beliefs, _, posteriors = model.rssm.observe(model.encoder(obs), actions,
                                                     *model.rssm.initial(batch, "cpu"))
     leaves = [x.clone().requires_grad_() for x in (beliefs, *posteriors)]
-    return leaves[0], Gaussian(*leaves[1:]), actions
+    return leaves[0], Gaussian(*leaves[1:]), actions, torch.randn(steps, batch)
 
 
 @pytest.mark.parametrize("free_nats", [0.0, 0.2])
 def test_latent_overshooting_matches_independent_computation(free_nats):
+    """The KL and the reward overshooting (`--overshooting-reward-scale`) against the official loop."""
     torch.manual_seed(0)
     model = WorldModel(2, **TINY_MODEL, model="gru")
-    beliefs, posteriors, actions = overshooting_inputs(model)
+    beliefs, posteriors, actions, rewards = overshooting_inputs(model)
     for distance in (2, 3, 6, 9):
-        expected = independent_overshooting_kl(model, beliefs, posteriors, actions, distance, free_nats)
-        result = model._overshooting_kl(beliefs, posteriors, actions, distance, free_nats)
+        expected = independent_overshooting(model, beliefs, posteriors, actions, rewards, distance, free_nats)
+        result = model._overshooting(beliefs, posteriors, actions, rewards, distance, free_nats, with_reward=True)
         torch.testing.assert_close(result, expected)
-    assert result > 0
+        assert model._overshooting(beliefs, posteriors, actions, rewards, distance, free_nats,
+                                   with_reward=False) == (result[0], None)
+    assert result[0] > 0
 
 
 def test_latent_overshooting_adds_a_term_and_stops_target_gradients(tiny_model):
     torch.manual_seed(0)
-    obs, actions, rewards = torch.rand(5, 2, 3, 64, 64) - 0.5, torch.rand(5, 2, 2), torch.zeros(5, 2)
+    obs, actions, rewards = torch.rand(5, 2, 3, 64, 64) - 0.5, torch.rand(5, 2, 2), torch.randn(5, 2)
     torch.manual_seed(4)
     _, plain = tiny_model.loss(obs, actions, rewards, free_nats=0.0)
     torch.manual_seed(4)
     _, terms = tiny_model.loss(obs, actions, rewards, free_nats=0.0, overshooting_distance=3,
-                               overshooting_kl_beta=0.5)
-    assert terms["overshooting_kl"] > 0
-    torch.testing.assert_close(terms["total"], plain["total"] + 0.5 * terms["overshooting_kl"])
+                               overshooting_kl_beta=0.5, overshooting_reward_scale=7.0)
+    assert terms["overshooting_kl"] > 0 and terms["overshooting_reward"] > 0
+    torch.testing.assert_close(terms["total"], plain["total"] + 0.5 * terms["overshooting_kl"]
+                               + 7.0 * terms["overshooting_reward"])
     # The gradient reaches the start of each rollout, never the posterior it is matched to.
-    beliefs, posteriors, actions = overshooting_inputs(tiny_model)
-    tiny_model._overshooting_kl(beliefs, posteriors, actions, 3, 0.0).backward()
+    beliefs, posteriors, actions, rewards = overshooting_inputs(tiny_model)
+    tiny_model._overshooting(beliefs, posteriors, actions, rewards, 3, 0.0, with_reward=False)[0].backward()
     assert posteriors.mean.grad is None and posteriors.std.grad is None
     start_grad = posteriors.sample.grad.abs().sum((1, 2))
     assert (start_grad[:-2] > 0).all(), "every start with two steps ahead in the chunk is trained"
     assert (start_grad[-2:] == 0).all(), "the last two steps have no target two steps ahead"
     assert (beliefs.grad.abs().sum((1, 2))[:-2] > 0).all()
+
+
+def test_global_kl_prior_matches_independent_computation(tiny_model):
+    """`--global-kl-beta`: KL(posterior || N(0, I)), summed over the state, averaged over time and
+    batch, no free nats (camera-ready `training/utility.py`), added with its weight."""
+    torch.manual_seed(0)
+    obs, actions, rewards = torch.rand(5, 2, 3, 64, 64) - 0.5, torch.rand(5, 2, 2), torch.randn(5, 2)
+    torch.manual_seed(4)
+    _, plain = tiny_model.loss(obs, actions, rewards)
+    torch.manual_seed(4)
+    _, terms = tiny_model.loss(obs, actions, rewards, global_kl_beta=0.1)
+    torch.manual_seed(4)
+    _, _, posteriors = tiny_model.rssm.observe(tiny_model.encoder(obs), actions,
+                                               *tiny_model.rssm.initial(2, "cpu"))
+    unit = Normal(torch.zeros(5, 2, 4), torch.ones(5, 2, 4))
+    expected = kl_divergence(Normal(posteriors.mean, posteriors.std), unit).sum(-1).mean()
+    torch.testing.assert_close(terms["global_kl"], expected.detach())
+    torch.testing.assert_close(terms["total"], plain["total"] + 0.1 * expected.detach())
+    assert "global_kl" not in plain
 
 
 def test_open_loop_prediction_uses_posteriors_then_prior(tiny_model):

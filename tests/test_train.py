@@ -119,3 +119,15 @@ def test_official_gru_and_init_are_options(capsys):
         with pytest.raises(SystemExit):
             parse_args([flag, value])
         assert message in capsys.readouterr().err
+
+
+def test_loss_options_are_checked(capsys):
+    config = parse_args(["--overshooting-distance", "50", "--overshooting-reward-scale", "100",
+                         "--global-kl-beta", "0.1"])[0]
+    assert (config.overshooting_reward_scale, config.global_kl_beta) == (100.0, 0.1)
+    assert (Config().overshooting_reward_scale, Config().global_kl_beta) == (0.0, 0.0)
+    for argv, message in ((["--overshooting-reward-scale", "100"], "needs --overshooting-distance"),
+                          (["--global-kl-beta", "-1"], "must be at least 0")):
+        with pytest.raises(SystemExit):
+            parse_args(argv)
+        assert message in capsys.readouterr().err
