@@ -1,5 +1,8 @@
-"""The three commands end to end, as a user runs them: subprocesses, the real env, files on disk."""
+"""The three commands end to end, as a user runs them: subprocesses, the real env, files on disk.
+Where a test must see what a command played or drew, it runs the command's `main` in this process."""
+import functools
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -8,13 +11,24 @@ import time
 from pathlib import Path
 
 import cv2
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import test as test_script  # The repository's test.py: conftest puts the repository first on the path.
+import train  # Not `from train import test_seeds`, which pytest would collect as a test.
+import video_prediction
+from agent import play_episode, play_episodes
 from conftest import ROOT, TINY_FLAGS
+from utils import episode_paths, load_episode
+from wrappers import make_env
+
+RUN_SEED = 3  # Of the module's run: not train.py's default, so that a default of 0 shows.
+DIAGNOSTICS = ["test/reward_mse_open_loop", "test/reward_mse_posterior", "test/reward_mse_constant",
+               "test/image_mse_open_loop", "test/image_mse_constant"]
 
 
 def run(*args, check=True):
@@ -30,10 +44,39 @@ def assert_clean_error(result, message):
     assert "Traceback" not in result.stderr
 
 
+def run_in_process(monkeypatch, script, *args):
+    """`python SCRIPT ARGS` in this process, without autograd as its `__main__` runs it, and without
+    its set-up of the process's logging and malloc, which would outlive the test."""
+    monkeypatch.setattr(logging, "basicConfig", lambda **kwargs: None)
+    monkeypatch.setattr(script, "keep_freed_memory", lambda: None)
+    with torch.no_grad():
+        script.main([str(arg) for arg in args])
+
+
+def play_test(monkeypatch, capsys, *args):
+    """`python test.py ARGS` in this process -> the episodes that each round of parallel envs
+    played, and the returns that test.py printed."""
+    rounds = []
+
+    def recorded(*arguments):
+        rounds.append(play_episodes(*arguments))
+        return rounds[-1]
+
+    monkeypatch.setattr(test_script, "play_episodes", recorded)
+    run_in_process(monkeypatch, test_script, *args)
+    lines = capsys.readouterr().out.splitlines()
+    return rounds, [float(line.split("return ")[1]) for line in lines if line.startswith("episode ")]
+
+
+def first_test(run_dir):
+    """The episodes of the run's first (and only) test: 2 episodes of test_seeds(RUN_SEED, 0, 2)."""
+    return [load_episode(path) for path in episode_paths(run_dir / "episodes" / "test")]
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     log_dir = tmp_path_factory.mktemp("log")
-    run("train.py", *TINY_FLAGS, "--log-dir", str(log_dir))
+    run("train.py", *TINY_FLAGS, "--seed", str(RUN_SEED), "--log-dir", str(log_dir))
     (run_dir,) = (log_dir / "cartpole-swingup").iterdir()
     return run_dir
 
@@ -56,6 +99,14 @@ def test_train_writes_the_run_directory(run_dir):
     assert [m["env_steps"] for m in metrics] == [200, 400, 600, 800]
     assert [m["updates"] for m in metrics] == [0, 0, 3, 6]
     assert "loss/kl" in metrics[2] and "test/return" in metrics[3]
+    # The test's diagnostics of the model's open-loop predictions, with the test's line only.
+    assert [[name in m for name in DIAGNOSTICS] for m in metrics] == [[False] * 5] * 3 + [[True] * 5]
+    assert all(np.isfinite(metrics[3][name]) and metrics[3][name] > 0 for name in DIAGNOSTICS)
+    # reward_mse_constant is the variance of the rewards they target: --horizon 3 steps after
+    # every fourth step of the test's episodes, as README says.
+    rewards = np.stack([episode["reward"] for episode in first_test(run_dir)])
+    ahead = np.arange(0, 26 - 3, 4)[:, None] + np.arange(1, 4)
+    assert metrics[3]["test/reward_mse_constant"] == pytest.approx(rewards[:, ahead].var(), rel=1e-5)
     checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     counters = checkpoint["counters"]
     assert (counters["episodes"], counters["env_steps"], counters["updates"]) == (4, 800, 6)
@@ -68,9 +119,13 @@ def test_train_logs_tensorboard(run_dir):
     scalars = set(events.Tags()["scalars"])
     assert {"loss/image", "loss/reward", "loss/kl", "loss/kl_free", "loss/total", "train/grad_norm",
             "train/return", "test/return", "test/return_std", "speed/updates_per_s",
-            "speed/fps"} <= scalars
+            "speed/fps", *DIAGNOSTICS} <= scalars
     assert [e.step for e in events.Scalars("train/return")] == [200, 400, 600, 800]
     assert [e.step for e in events.Scalars("test/return")] == [800]
+    test_line = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    for name in DIAGNOSTICS:  # The test's values, at its step.
+        expected = [(800, pytest.approx(test_line[name], rel=1e-6))]
+        assert [(e.step, e.value) for e in events.Scalars(name)] == expected
     assert events.Tags()["images"] == ["test/open_loop_prediction"]
     assert any("hyperparameters" in tag for tag in events.Tags()["tensors"])
 
@@ -85,15 +140,63 @@ def test_test_command_plays_episodes(run_dir):
     assert mean == pytest.approx(np.mean(returns), abs=0.1) and std == pytest.approx(np.std(returns), abs=0.1)
 
 
-def test_test_command_plays_random_actions_on_the_same_episodes(run_dir, tmp_path):
+def test_test_command_plays_random_actions_on_the_same_episodes(run_dir, tmp_path, monkeypatch, capsys):
+    """`--random` plays the planner's episodes, from the run's config alone, with the uniform draws
+    of the seed; with the default seed, both play the episodes of the run's first test (README)."""
     config_only = tmp_path / "run"  # The baseline needs the run's config, not its checkpoint.
     config_only.mkdir()
     shutil.copy(run_dir / "config.json", config_only)
-    results = [run("test.py", str(path), "--episodes", "2", "--random").stdout
-               for path in (run_dir, config_only)]
-    assert results[0] == results[1] and results[0].strip().splitlines()[2].endswith("over 2 episodes")
-    planned = run("test.py", str(run_dir), "--episodes", "2", "--device", "cpu").stdout
-    assert planned != results[0]
+    (planned,), _ = play_test(monkeypatch, capsys, run_dir, "--episodes", "2", "--device", "cpu")
+    (random,), _ = play_test(monkeypatch, capsys, config_only, "--episodes", "2", "--random")
+    stored = first_test(run_dir)
+    assert len(stored) == 2 and not np.array_equal(stored[0]["obs"][0], stored[1]["obs"][0])
+    for episodes in (planned, random):
+        for episode, first in zip(episodes, stored, strict=True):
+            np.testing.assert_array_equal(episode["obs"][0], first["obs"][0])
+    rng = np.random.default_rng(RUN_SEED)  # One draw of (2 envs, 1 action) per step.
+    draws = np.stack([rng.uniform(-1, 1, (2, 1)) for _ in range(25)], axis=1).astype(np.float32)
+    np.testing.assert_array_equal(np.stack([episode["action"][1:] for episode in random]), draws)
+
+
+def test_test_command_plays_rounds_of_parallel_episodes_from_its_seed(run_dir, monkeypatch, capsys):
+    """`--episodes 3 --parallel 2 --seed 4`: two rounds of 2 envs, seeded with test_seeds(4, 0, 2)
+    and test_seeds(4, 2, 2), of which the first 3 episodes count; the run's seed plays others."""
+    rounds, returns = play_test(monkeypatch, capsys, run_dir, "--random", "--episodes", "3",
+                                "--parallel", "2", "--seed", "4")
+    assert [len(episodes) for episodes in rounds] == [2, 2]
+    env = make_env("cartpole-swingup", action_repeat=8, max_episode_length=200)
+    for seed, episode in zip(train.test_seeds(4, 0, 4), rounds[0] + rounds[1], strict=True):
+        np.testing.assert_array_equal(episode["obs"][0], env.reset(seed=seed)[0])
+    env.close()
+    played = rounds[0] + rounds[1][:1]  # Printed to 0.1:
+    assert returns == pytest.approx([episode["reward"].sum() for episode in played], abs=0.051)
+    assert not any(np.array_equal(episode["obs"][0], first["obs"][0])
+                   for episode in played for first in first_test(run_dir))
+
+
+def test_test_command_ends_each_episode_where_its_env_ends(run_dir, monkeypatch, capsys):
+    """Two envs that end at different steps (time limits of 80 and 200 env steps, 10 and 25
+    decisions): the first keeps stepping until the second ends, but its episode and its return
+    stop at its own end."""
+    def envs_ending_at_80_and_200(task, count, action_repeat, max_episode_length):
+        """make_parallel_envs, but the first env's time limit is 80 steps."""
+        lengths = [80, max_episode_length]
+        assert count == len(lengths)
+        return gym.vector.AsyncVectorEnv(
+            [functools.partial(make_env, task, 0, action_repeat, length) for length in lengths],
+            context="spawn", autoreset_mode=gym.vector.AutoresetMode.DISABLED)
+
+    monkeypatch.setattr(test_script, "make_parallel_envs", envs_ending_at_80_and_200)
+    (episodes,), returns = play_test(monkeypatch, capsys, run_dir, "--random", "--episodes", "2")
+    assert [len(episode["reward"]) for episode in episodes] == [11, 26]
+    # Each episode is its env's, to its end: one env alone replays it with the recorded actions.
+    for seed, length, episode in zip(train.test_seeds(RUN_SEED, 0, 2), [80, 200], episodes):
+        env, actions = make_env("cartpole-swingup", seed, 8, length), iter(episode["action"][1:])
+        replay = play_episode(env, lambda obs, action: next(actions))
+        env.close()
+        for key in episode:
+            np.testing.assert_array_equal(replay[key], episode[key])
+    assert returns == pytest.approx([episode["reward"].sum() for episode in episodes], abs=0.051)
 
 
 def test_render_without_a_display_is_refused(run_dir):
@@ -140,11 +243,33 @@ def test_video_prediction_writes_a_video(run_dir, tmp_path):
     assert not np.array_equal(frames[-1][:, :256], frames[-1][:, 256:512])
 
 
-def test_video_prediction_from_a_stored_episode(run_dir, tmp_path):
-    episode = sorted((run_dir / "episodes" / "train").glob("*.npz"))[0]
-    out = tmp_path / "stored.mp4"
-    run("video_prediction.py", str(run_dir), "--episode", str(episode), "--out", str(out), "--length", "20")
+def test_video_prediction_from_a_stored_episode(run_dir, tmp_path, monkeypatch):
+    """`--episode FILE`: the truth panel shows the file's frames, and the difference panel is
+    |truth - prediction|, pixel by pixel, below the panels' labels."""
+    path = episode_paths(run_dir / "episodes" / "train")[0]
+    out, frames, write_video = tmp_path / "stored.mp4", [], video_prediction.write_video
+
+    def recorded(video, images):  # Writes the video, and keeps its frames.
+        frames.extend(images)
+        write_video(video, frames)
+
+    monkeypatch.setattr(video_prediction, "write_video", recorded)
+    run_in_process(monkeypatch, video_prediction, run_dir, "--episode", path, "--out", out, "--length", "20")
     assert cv2.VideoCapture(str(out)).get(cv2.CAP_PROP_FRAME_COUNT) == 25
+    frames = np.stack(frames)[:, 24:].astype(np.int16)  # (25, 232, 768, 3) BGR, below the labels.
+    truth, prediction, difference = frames[..., :256, :], frames[..., 256:512, :], frames[..., 512:, :]
+    stored = load_episode(path)["obs"][:25].transpose(0, 2, 3, 1)[..., ::-1]  # RGB -> BGR.
+    np.testing.assert_array_equal(truth, stored.repeat(4, axis=1).repeat(4, axis=2)[:, 24:])
+    np.testing.assert_array_equal(difference, np.abs(truth - prediction))
+    assert difference[5:].any(), "the tiny model's open-loop prediction is not the truth"
+
+
+def test_video_prediction_refuses_an_episode_shorter_than_asked(run_dir, tmp_path):
+    episode = episode_paths(run_dir / "episodes" / "train")[0]  # 26 frames.
+    result = run("video_prediction.py", str(run_dir), "--episode", str(episode), "--length", "22",
+                 "--out", str(tmp_path / "short.mp4"), check=False)
+    assert_clean_error(result, "the episode has 26 frames, fewer than --context + --length = 27")
+    assert not (tmp_path / "short.mp4").exists()
 
 
 def test_video_prediction_writes_a_gif(run_dir, tmp_path):
@@ -193,14 +318,35 @@ def test_each_model_variant_trains_resumes_tests_and_predicts(variant, tmp_path)
     """The designs of Figure 4 through the same commands, latent overshooting on; `rssm` is the
     run of the tests above."""
     run_dir = tmp_path / variant
-    flags = [*TINY_FLAGS, "--model", variant, "--overshooting-distance", "3"]
+    # Free nats 0: the tiny model's KLs, some 0.3 nats, are below the default 3, which clamps them to 0.
+    flags = [*TINY_FLAGS, "--model", variant, "--overshooting-distance", "3", "--free-nats", "0"]
     run("train.py", *flags, "--episodes", "3", "--run-dir", str(run_dir))
+    # What the resumed run must carry on: the files so far, and the checkpoint's weights, which
+    # a mark on the reward model's bias tells from a new initialisation.
+    files = {path: path.stat() for path in episode_paths(run_dir / "episodes" / "train")}
+    metrics_so_far = (run_dir / "metrics.jsonl").read_text()
+    saved = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    saved["model"]["reward_model.net.6.bias"] += 1.0
+    torch.save(saved, run_dir / "checkpoint.pt")
     run("train.py", "--resume", str(run_dir), "--episodes", "4")
+    assert (run_dir / "metrics.jsonl").read_text().startswith(metrics_so_far)
+    assert len(files) == 3
+    for path, stat in files.items():  # The same files, not written again.
+        assert (path.stat().st_ino, path.stat().st_mtime_ns) == (stat.st_ino, stat.st_mtime_ns)
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["episodes"] for m in metrics] == [1, 2, 3, 4] and "test/return" in metrics[-1]
-    assert metrics[-1]["loss/overshooting_kl"] >= 0
+    # The overshooting KL is positive and, with weight 1, part of the total that is minimised.
+    terms = {name.split("/")[1]: value for name, value in metrics[-1].items() if name.startswith("loss/")}
+    assert terms["overshooting_kl"] > 0
+    assert terms["total"] == pytest.approx(terms["image"] + 10 * terms["reward"] + terms["kl_free"]
+                                           + terms["overshooting_kl"], abs=0.02)  # float32 near 1e4.
     checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert checkpoint["config"]["model"] == variant
+    # It went on from the checkpoint's weights and Adam: 3 more updates at the warm-up's learning
+    # rate (at most 2.5e-5) moved the marked bias by far less than 1e-3.
+    torch.testing.assert_close(checkpoint["model"]["reward_model.net.6.bias"],
+                               saved["model"]["reward_model.net.6.bias"], rtol=0, atol=1e-3)
+    assert {int(state["step"]) for state in checkpoint["optimizer"]["state"].values()} == {6}
     assert ("rssm.gru.weight_hh" in checkpoint["model"]) == (variant == "gru")
     assert "mean return" in run("test.py", str(run_dir), "--episodes", "1", "--device", "cpu").stdout
     out = tmp_path / "prediction.gif"
