@@ -297,13 +297,30 @@ class RayLauncher:
 
 # --- The sweep. ---
 
+@contextlib.contextmanager
+def deferred_interrupts():
+    """Ctrl-C and SIGTERM wait for the end of the block, then raise KeyboardInterrupt: a run
+    launched in it is on the launcher's record, which shutdown() stops, before the sweep stops."""
+    received = []
+    handlers = {number: signal.signal(number, lambda signum, frame: received.append(signum))
+                for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+        if received:
+            raise KeyboardInterrupt
+
+
 def run_all(runs, launcher, extra, max_retries, bar):
     """Train `runs` to the end, each relaunched with --resume when it dies, retries first in line."""
     queue, live = deque(runs), {}
     while queue or live:
         while queue and launcher.has_room():
             run = queue.popleft()
-            live[launcher.start(run, train_arguments(run, extra))] = run
+            with deferred_interrupts():  # Else a run started as the sweep stops would train on, unseen.
+                live[launcher.start(run, train_arguments(run, extra))] = run
         for handle, exit_status, seconds in launcher.wait(POLL_SECONDS):
             run = live.pop(handle)
             if run.record(exit_status, seconds, max_retries):

@@ -61,18 +61,27 @@ def test_ray_trains_the_grid(tmp_path):
         assert row["last test return"] == f"{records[-1]['test/return']:.1f}"
 
 
-def train_process(run_dir):
-    """The pid of the train.py process that trains `run_dir` from its start, or None."""
+def train_process(run_dir, flag):
+    """The pid of the train.py process of `run_dir` started with `flag` (--run-dir or --resume), or None."""
     for entry in os.listdir("/proc"):
         try:
             with open(f"/proc/{entry}/cmdline", "rb") as f:
                 command = f.read().decode().split("\0")
         except (OSError, ValueError):  # Not a process, or one that just ended.
             continue
-        if any(arg.endswith("train.py") for arg in command) and str(run_dir) in command \
-                and "--run-dir" in command:
+        if any(arg.endswith("train.py") for arg in command) and str(run_dir) in command and flag in command:
             return int(entry)
     return None
+
+
+def wait_for_train(sweeper, run_dir, flag, ready=lambda: True):
+    """The pid of the sweep's train.py process of `run_dir` started with `flag`, once `ready()`."""
+    deadline = time.monotonic() + 300
+    while not (ready() and (pid := train_process(run_dir, flag))):
+        assert sweeper.poll() is None, f"the sweep ended before a train.py {flag}: {sweeper.communicate()}"
+        assert time.monotonic() < deadline, f"no train.py {flag} of {run_dir}"
+        time.sleep(0.05)
+    return pid
 
 
 def test_ray_resubmits_a_killed_run_with_resume(tmp_path):
@@ -81,10 +90,7 @@ def test_ray_resubmits_a_killed_run_with_resume(tmp_path):
                "--seeds", "0", "--max-retries", "1", "--log-dir", str(tmp_path), "--", *TINY]
     sweeper = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 300
-        while not ((run_dir / "checkpoint.pt").exists() and (pid := train_process(run_dir))):
-            assert sweeper.poll() is None and time.monotonic() < deadline, "the run never got a checkpoint"
-            time.sleep(0.05)
+        pid = wait_for_train(sweeper, run_dir, "--run-dir", ready=(run_dir / "checkpoint.pt").exists)
         os.kill(pid, signal.SIGKILL)  # As an OOM killer or a lost machine would.
         stdout, stderr = sweeper.communicate(timeout=300)
     finally:
@@ -96,6 +102,36 @@ def test_ray_resubmits_a_killed_run_with_resume(tmp_path):
     assert_trained(run_dir, "cartpole-swingup", 0, 3)
     log = (run_dir / "train.log").read_text()
     assert f"train.py --resume {run_dir} " in log and "resumed " in log
+
+
+def test_local_sweep_resumes_a_killed_run_and_continues_after_sigterm(tmp_path):
+    """Locally too, a run that dies is launched again with --resume. SIGTERM, a scheduler's stop,
+    stops the sweep and the run it trains, as Ctrl-C does; the same command then finishes it."""
+    run_dir = tmp_path / "sweep" / "cartpole-swingup" / "seed0"
+    args = ("--tasks", "cartpole-swingup", "--seeds", "0", "--max-retries", "1")
+    command = [sys.executable, "sweep.py", "--log-dir", str(tmp_path), *args, "--", *TINY]
+    sweeper = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        os.kill(wait_for_train(sweeper, run_dir, "--run-dir", ready=(run_dir / "checkpoint.pt").exists),
+                signal.SIGKILL)
+        resumed = wait_for_train(sweeper, run_dir, "--resume")
+        sweeper.send_signal(signal.SIGTERM)
+        stdout, stderr = sweeper.communicate(timeout=300)
+    finally:
+        sweeper.kill()
+    assert "cartpole-swingup seed 0 failed (killed by SIGKILL); resuming it (attempt 2 of 2)" in stderr
+    assert sweeper.returncode == 1 and "Traceback" not in stderr
+    assert stderr.strip().endswith("interrupted; run the same command again to continue the sweep")
+    assert not os.path.exists(f"/proc/{resumed}"), "the sweep stopped its run"
+    episodes = metrics(run_dir)[-1]["episodes"]
+    assert episodes < 3, "stopped before the end"
+    again = sweep(tmp_path, *args)
+    assert again.returncode == 0, again.stderr
+    row = summary(again.stdout)["cartpole-swingup", 0]
+    assert (row["status"], row["episodes"], row["attempts"]) == ("finished", "3/3", "1")
+    assert_trained(run_dir, "cartpole-swingup", 0, 3)
+    log = (run_dir / "train.log").read_text()
+    assert log.count(f"train.py --resume {run_dir} ") == 2 and "resumed " in log
 
 
 def test_local_sweep_continues_where_it_stopped(tmp_path):
