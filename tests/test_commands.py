@@ -313,13 +313,23 @@ def test_bad_run_directories(script, run_dir, tmp_path):
     assert_clean_error(run(script, str(other_size), check=False), "does not match the model")
 
 
-@pytest.mark.parametrize("variant", ["ssm", "gru"])
+VARIANTS = {  # Name -> (flags, a flag that a resumed run must refuse to change).
+    "ssm": (["--model", "ssm"], ["--model", "rssm"]),
+    "gru": (["--model", "gru"], ["--model", "rssm"]),
+    "official": (["--gru-cell", "block", "--init", "glorot", "--overshooting-reward-scale", "100",
+                  "--global-kl-beta", "0.1"], ["--gru-cell", "torch"]),
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_each_model_variant_trains_resumes_tests_and_predicts(variant, tmp_path):
-    """The designs of Figure 4 through the same commands, latent overshooting on; `rssm` is the
-    run of the tests above."""
+    """The designs of Figure 4, and the RSSM with the official code's GRU, initialisation and loss
+    options, through the same commands, latent overshooting on; `rssm` is the run of the tests
+    above."""
     run_dir = tmp_path / variant
+    variant_flags, refused_change = VARIANTS[variant]
     # Free nats 0: the tiny model's KLs, some 0.3 nats, are below the default 3, which clamps them to 0.
-    flags = [*TINY_FLAGS, "--model", variant, "--overshooting-distance", "3", "--free-nats", "0"]
+    flags = [*TINY_FLAGS, *variant_flags, "--overshooting-distance", "3", "--free-nats", "0"]
     run("train.py", *flags, "--episodes", "3", "--run-dir", str(run_dir))
     # What the resumed run must carry on: the files so far, and the checkpoint's weights, which
     # a mark on the reward model's bias tells from a new initialisation.
@@ -335,24 +345,29 @@ def test_each_model_variant_trains_resumes_tests_and_predicts(variant, tmp_path)
         assert (path.stat().st_ino, path.stat().st_mtime_ns) == (stat.st_ino, stat.st_mtime_ns)
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["episodes"] for m in metrics] == [1, 2, 3, 4] and "test/return" in metrics[-1]
-    # The overshooting KL is positive and, with weight 1, part of the total that is minimised.
+    # The overshooting KL is positive and, with weight 1, part of the total that is minimised,
+    # as are, with their weights, the official options' terms.
     terms = {name.split("/")[1]: value for name, value in metrics[-1].items() if name.startswith("loss/")}
     assert terms["overshooting_kl"] > 0
+    options = 100 * terms["overshooting_reward"] + 0.1 * terms["global_kl"] if variant == "official" else 0
+    assert ("global_kl" in terms) == (variant == "official")
     assert terms["total"] == pytest.approx(terms["image"] + 10 * terms["reward"] + terms["kl_free"]
-                                           + terms["overshooting_kl"], abs=0.02)  # float32 near 1e4.
+                                           + terms["overshooting_kl"] + options, abs=0.02)  # float32 near 1e4.
     checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
-    assert checkpoint["config"]["model"] == variant
+    assert checkpoint["config"]["model"] == ("rssm" if variant == "official" else variant)
+    assert checkpoint["config"]["gru_cell"] == ("block" if variant == "official" else "torch")
     # It went on from the checkpoint's weights and Adam: 3 more updates at the warm-up's learning
     # rate (at most 2.5e-5) moved the marked bias by far less than 1e-3.
     torch.testing.assert_close(checkpoint["model"]["reward_model.net.6.bias"],
                                saved["model"]["reward_model.net.6.bias"], rtol=0, atol=1e-3)
     assert {int(state["step"]) for state in checkpoint["optimizer"]["state"].values()} == {6}
     assert ("rssm.gru.weight_hh" in checkpoint["model"]) == (variant == "gru")
+    assert ("rssm.gru.gates.weight" in checkpoint["model"]) == (variant == "official")
     assert "mean return" in run("test.py", str(run_dir), "--episodes", "1", "--device", "cpu").stdout
     out = tmp_path / "prediction.gif"
     run("video_prediction.py", str(run_dir), "--out", str(out), "--length", "10", "--gif")
     assert out.stat().st_size > 0
-    refused = run("train.py", "--resume", str(run_dir), "--model", "rssm", check=False)
+    refused = run("train.py", "--resume", str(run_dir), *refused_change, check=False)
     assert_clean_error(refused, "a resumed run keeps its config")
 
 
