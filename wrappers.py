@@ -1,7 +1,10 @@
 """DeepMind Control Suite as a Gymnasium-style env: 64x64 pixels, action repeat, time limit.
 
 `reset()` gives `(obs, info)` and `step(action)` gives `(obs, reward, terminated, truncated, info)`,
-where `obs` is a `(3, 64, 64)` uint8 image rendered once per agent decision (PlaNet Sec. 5).
+where `obs` is a `(3, 64, 64)` uint8 image rendered once per agent decision (PlaNet Sec. 5), and
+`info["state"]` the task's proprioceptive observation at the same step (dm_control's observation
+dict, e.g. `position` and `velocity`), which the agent never sees: episodes store it beside the
+pixels for the camera-ready configuration's state heads and for the state diagnostics.
 """
 import functools
 import os
@@ -66,6 +69,8 @@ class DMCEnv(gym.Env):
         self.action_space = gym.spaces.Box(spec.minimum.astype(np.float32), spec.maximum.astype(np.float32),
                                            spec.shape, np.float32)
         self.observation_space = gym.spaces.Box(0, 255, (3, size, size), np.uint8)
+        # The proprioceptive observation, in dm_control's key order, each flattened.
+        self.state_sizes = {key: int(np.prod(spec.shape)) for key, spec in self._env.observation_spec().items()}
         self._steps = 0
 
     @property
@@ -86,12 +91,17 @@ class DMCEnv(gym.Env):
         image = self._camera.render()
         return np.ascontiguousarray(image.transpose(2, 0, 1))
 
+    @staticmethod
+    def _state(time_step):
+        """dm_control's observation dict -> `{key: (size,) float32}`."""
+        return {key: np.asarray(value, np.float32).reshape(-1) for key, value in time_step.observation.items()}
+
     def reset(self, *, seed=None, options=None):
         if seed is not None:
             self._env.task.random.seed(seed)
-        self._env.reset()
+        time_step = self._env.reset()
         self._steps = 0
-        return self._observation(), {}
+        return self._observation(), {"state": self._state(time_step)}
 
     def step(self, action):
         action = np.clip(action, self._action_low, self._action_high)
@@ -105,7 +115,8 @@ class DMCEnv(gym.Env):
             truncated = (time_step.last() and not terminated) or self._steps >= self.max_episode_length
             if terminated or truncated:
                 break
-        return self._observation(), reward, terminated, truncated, {"env_steps": self._steps}
+        return (self._observation(), reward, terminated, truncated,
+                {"env_steps": self._steps, "state": self._state(time_step)})
 
     def get_rng_state(self):
         """The state of the task's generator, which draws each episode's initial conditions."""

@@ -6,20 +6,30 @@ from dm_control import suite
 from wrappers import default_action_repeat, make_env, parse_task, task_names
 
 
+def assert_state_is_the_observation(state, observation):
+    """`info["state"]` is dm_control's observation dict, in its key order, each part flattened."""
+    assert list(state) == list(observation)
+    for key, value in observation.items():
+        np.testing.assert_array_equal(state[key], np.asarray(value, np.float32).reshape(-1))
+
+
 def test_action_repeat_sums_rewards_and_stops_at_the_last_step():
+    """... and `info["state"]` is the proprioceptive observation of the same step as the frame."""
     env = make_env("cartpole-swingup", seed=5, action_repeat=8, max_episode_length=20)
     reference = suite.load("cartpole", "swingup", task_kwargs={"random": 5})
     obs, info = env.reset()
-    reference.reset()
-    assert obs.shape == (3, 64, 64) and obs.dtype == np.uint8 and info == {}
+    assert_state_is_the_observation(info["state"], reference.reset().observation)
+    assert obs.shape == (3, 64, 64) and obs.dtype == np.uint8 and list(info) == ["state"]
+    assert env.state_sizes == {"position": 3, "velocity": 2}
     actions = [np.array([0.7]), np.array([-0.4]), np.array([1.0])]
     results = [env.step(action) for action in actions]
     # 20 environment steps with repeat 8: decisions of 8, 8 and the last 4 steps.
     for (obs, reward, terminated, truncated, info), action, repeat, last in zip(
             results, actions, (8, 8, 4), (False, False, True)):
-        expected = sum(reference.step(action).reward for _ in range(repeat))
-        assert reward == pytest.approx(expected, rel=1e-6)
+        time_steps = [reference.step(action) for _ in range(repeat)]
+        assert reward == pytest.approx(sum(time_step.reward for time_step in time_steps), rel=1e-6)
         assert (terminated, truncated) == (False, last)
+        assert_state_is_the_observation(info["state"], time_steps[-1].observation)
     assert results[-1][4]["env_steps"] == 20
     np.testing.assert_array_equal(
         results[-1][0], reference.physics.render(64, 64, camera_id=0).transpose(2, 0, 1))
