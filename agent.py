@@ -10,18 +10,20 @@ from model import features
 from utils import preprocess_observation
 
 
-def rollout_returns(rssm, reward_model, actions, belief, state):
+def rollout_returns(rssm, reward_model, actions, belief, state, discount=1.0):
     """Predicted return of open-loop rollouts with prior samples: actions `(T, N, A)` from beliefs
-    `(N, H)` and states `(N, S)` -> the sum of the reward model's means over the T steps, `(N,)`.
+    `(N, H)` and states `(N, S)` -> the sum of the reward model's means over the T steps, `(N,)`,
+    the step k (from 0) weighted by `discount ** k`: 1 (HEAD, undiscounted) or 0.99 (camera-ready
+    `0c6f7d3`, `control/planning.py:28,51-52`).
 
     Rewards are added step by step instead of running the reward model on all T steps stacked:
     `(N, 300)` activations stay in cache, and on a CPU the matmuls run twice as fast.
     """
     returns = torch.zeros(actions.shape[1], device=actions.device)
-    for action in actions:
+    for step, action in enumerate(actions):
         belief, prior = rssm.img_step(state, action, belief)
         state = prior.sample
-        returns += reward_model(features(belief, state))
+        returns += discount ** step * reward_model(features(belief, state))
     return returns
 
 
@@ -61,16 +63,16 @@ def compiled_rollout_returns():
 
 @torch.no_grad()
 def cem_plan(rssm, reward_model, belief, state, horizon=12, iterations=10, candidates=1000,
-             top_candidates=100, rollout=rollout_returns):
+             top_candidates=100, discount=1.0, rollout=rollout_returns):
     """Plan from the beliefs `(B, H)` and state samples `(B, S)` of B independent agents.
 
     Every candidate of an agent starts from that agent's one state sample. The belief over action
     sequences starts at N(0, I) `(horizon, B, 1, A)`; each iteration samples `candidates` sequences,
     clips them to [-1, 1], rolls them out with the prior (sampled states), scores each by the sum
-    of predicted rewards over the horizon, and refits mean and population std to the best
-    `top_candidates`. All candidates of all agents are one batch: no Python loop over candidates
-    and no host sync. `rollout` may be a compiled `rollout_returns`. Returns the first action of
-    the final mean, `(B, A)`.
+    of predicted rewards over the horizon (discounted by `discount`), and refits mean and
+    population std to the best `top_candidates`. All candidates of all agents are one batch: no
+    Python loop over candidates and no host sync. `rollout` may be a compiled `rollout_returns`.
+    Returns the first action of the final mean, `(B, A)`.
     """
     batch, action_size = belief.shape[0], rssm.action_size
     belief = belief.repeat_interleave(candidates, dim=0)  # (B * J, H), agent-major.
@@ -81,7 +83,7 @@ def cem_plan(rssm, reward_model, belief, state, horizon=12, iterations=10, candi
         noise = torch.randn(horizon, batch, candidates, action_size, device=belief.device)
         actions = (mean + std * noise).clamp(-1, 1)
         returns = rollout(rssm, reward_model, actions.reshape(horizon, batch * candidates, action_size),
-                          belief, state).reshape(batch, candidates)
+                          belief, state, discount).reshape(batch, candidates)
         top = returns.topk(top_candidates, dim=1).indices  # (B, K)
         best = actions.gather(2, top[None, :, :, None].expand(horizon, -1, -1, action_size))
         mean = best.mean(2, keepdim=True)
@@ -148,27 +150,43 @@ class Agent:
         return action.clamp(-1, 1).cpu().numpy()
 
 
+STATE_PREFIX = "state_"  # Episode keys of the proprioceptive observation, e.g. `state_position`.
+
+
+def _record(episode, obs, action, reward, state):
+    """Append one step to `episode` (lists by key): the observation, the action that led to it, its
+    reward and the env's proprioceptive state (`info["state"]`, `{}` when the env has none)."""
+    steps = {"obs": obs, "action": action, "reward": reward,
+             **{STATE_PREFIX + key: value for key, value in state.items()}}
+    for key, value in steps.items():
+        episode.setdefault(key, []).append(value)
+
+
+def _as_arrays(episode):
+    return {key: np.array(value, np.float32) if key == "reward" else np.stack(value)
+            for key, value in episode.items()}
+
+
 def play_episode(env, policy, on_frame=None):
     """Run one episode. `policy(obs, previous_action) -> action` sees the newest observation and the
     executed action that led to it. Returns the episode as arrays of length T + 1 with
-    `action[t]` the action that led to `obs[t]` and `reward[t]` its reward (zeros at reset)."""
-    obs, _ = env.reset()
+    `action[t]` the action that led to `obs[t]` and `reward[t]` its reward (zeros at reset), and
+    the proprioceptive state of each step as `state_<key>` (which the policy does not see)."""
+    obs, info = env.reset()
     action = np.zeros(env.action_space.shape, dtype=np.float32)
-    episode = {"obs": [obs], "action": [action], "reward": [0.0]}
+    episode = {}
+    _record(episode, obs, action, 0.0, info.get("state", {}))
     done = False
     while not done:
         if on_frame is not None:
             on_frame(obs)
         action = np.clip(policy(obs, action), -1, 1).astype(np.float32)
-        obs, reward, terminated, truncated, _ = env.step(action)
+        obs, reward, terminated, truncated, info = env.step(action)
         done = terminated or truncated
-        episode["obs"].append(obs)
-        episode["action"].append(action)
-        episode["reward"].append(reward)
+        _record(episode, obs, action, reward, info.get("state", {}))
     if on_frame is not None:
         on_frame(obs)
-    return {"obs": np.stack(episode["obs"]), "action": np.stack(episode["action"]),
-            "reward": np.array(episode["reward"], dtype=np.float32)}
+    return _as_arrays(episode)
 
 
 def planner_policy(agent, action_noise=0.0):
@@ -187,9 +205,18 @@ def play_episodes(envs, agent, seeds, on_frames=None):
     (batch size N) plans for all N in one batched call per step. Returns N episodes as
     `play_episode` does; an env that finishes first keeps stepping, and its extra steps are dropped.
     `on_frames(obs)` sees every `(N, 3, 64, 64)` observation."""
-    obs, _ = envs.reset(seed=list(seeds))
+    obs, info = envs.reset(seed=list(seeds))
     action = np.zeros(envs.action_space.shape, dtype=np.float32)
-    episodes = [{"obs": [o], "action": [a], "reward": [0.0]} for o, a in zip(obs, action)]
+    reward = np.zeros(len(obs), dtype=np.float32)
+    episodes = [{} for _ in obs]
+
+    def record(i):
+        # A vector env's info holds each key for all envs, and a mask `_key` of those that set it.
+        state = {key: value[i] for key, value in info.get("state", {}).items() if not key.startswith("_")}
+        _record(episodes[i], obs[i], action[i], reward[i], state)
+
+    for i in range(len(episodes)):
+        record(i)
     running = np.ones(len(episodes), dtype=bool)
     agent.reset()
     while running.any():
@@ -197,16 +224,13 @@ def play_episodes(envs, agent, seeds, on_frames=None):
             on_frames(obs)
         agent.observe(obs, action)
         action = agent.act()
-        obs, reward, terminated, truncated, _ = envs.step(action)
+        obs, reward, terminated, truncated, info = envs.step(action)
         for i in np.flatnonzero(running):
-            episodes[i]["obs"].append(obs[i])
-            episodes[i]["action"].append(action[i])
-            episodes[i]["reward"].append(reward[i])
+            record(i)
         running &= ~(terminated | truncated)
     if on_frames is not None:
         on_frames(obs)
-    return [{"obs": np.stack(e["obs"]), "action": np.stack(e["action"]),
-             "reward": np.array(e["reward"], dtype=np.float32)} for e in episodes]
+    return [_as_arrays(episode) for episode in episodes]
 
 
 class RandomAgent:

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tf_layers import GRU_CELLS, INITS, BlockGRUCell, glorot_init
+
 MIN_STD = 0.1  # Lower bound of the latent std (official `rssm.py`).
 LOG_2PI = math.log(2 * math.pi)
 
@@ -92,52 +94,6 @@ def gaussian(params, mean_only=False):
     # On a CPU softplus runs 10x faster on a contiguous copy than on this strided half.
     std = F.softplus(std.contiguous()) + MIN_STD
     return Gaussian(mean, std, mean if mean_only else mean + std * torch.randn_like(std))
-
-
-class BlockGRUCell(nn.Module):
-    """The GRU of the official RSSM, TensorFlow's `GRUBlockCell` (`--gru-cell block`):
-
-    [r, u] = sigmoid(W_ru [x, h] + b_ru),   c = tanh(W_c [x, r * h] + b_c),   h' = u * h + (1 - u) * c
-
-    The reset gate acts before the recurrent product, and there is one bias per gate, starting at
-    1 for the gates and 0 for the candidate; kernels are Glorot-uniform over `[x, h]`, TensorFlow's
-    default. `nn.GRUCell` (`--gru-cell torch`) applies r after the product and has two biases.
-    `(B, input_size)`, `(B, hidden_size)` -> `(B, hidden_size)`.
-    """
-
-    def __init__(self, input_size, hidden_size):
-        super().__init__()
-        self.gates = nn.Linear(input_size + hidden_size, 2 * hidden_size)
-        self.candidate = nn.Linear(input_size + hidden_size, hidden_size)
-        for layer, bias in ((self.gates, 1.0), (self.candidate, 0.0)):
-            nn.init.xavier_uniform_(layer.weight)
-            nn.init.constant_(layer.bias, bias)
-
-    def forward(self, x, h):
-        reset, update = torch.sigmoid(self.gates(torch.cat([x, h], -1))).chunk(2, -1)
-        candidate = torch.tanh(self.candidate(torch.cat([x, reset * h], -1)))
-        return update * h + (1 - update) * candidate
-
-
-GRU_CELLS = ("torch", "block")
-INITS = ("torch", "glorot")
-
-
-def glorot_init(model):
-    """TensorFlow's default initialisation, as the official `tf.layers` get it (`--init glorot`):
-    Glorot-uniform kernels and zero biases for every linear and conv layer. A layer that holds a
-    Gaussian's mean and std `(2 S)` is initialised as the official two layers of S. The GRU cell
-    keeps its own initialisation (`nn.GRUCell`'s, or `BlockGRUCell`'s, which is TensorFlow's)."""
-    cells = {id(p) for m in model.modules() if isinstance(m, (nn.GRUCell, BlockGRUCell))
-             for p in m.parameters()}
-    for module in model.modules():
-        if not isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)) or id(module.weight) in cells:
-            continue
-        halves = 2 if getattr(module, "gaussian_parameters", False) else 1
-        with torch.no_grad():
-            for half in module.weight.chunk(halves):
-                half.copy_(nn.init.xavier_uniform_(torch.empty_like(half)))
-        nn.init.zeros_(module.bias)
 
 
 class TransitionModel(nn.Module):
@@ -303,54 +259,79 @@ class ObservationModel(nn.Module):
         return image.float().reshape(*batch_shape, 3, 64, 64)
 
 
-class RewardModel(nn.Module):
-    """Features `(..., F)` -> mean of N(r_t, 1), `(...)`. Three hidden layers of 300 (official
-    code; the paper's text says two of 200)."""
+def dense_head(feature_size, hidden_size, layers, out_size):
+    """`layers` hidden layers of `hidden_size` with ReLU, then a linear layer to `out_size`: the
+    official `feed_forward` (`networks/basic.py:26-38` at `0c6f7d3`)."""
+    sizes = [feature_size] + [hidden_size] * layers
+    hidden = [module for i in range(layers) for module in (nn.Linear(sizes[i], sizes[i + 1]), nn.ReLU())]
+    return nn.Sequential(*hidden, nn.Linear(sizes[-1], out_size))
 
-    def __init__(self, feature_size=230, hidden_size=300):
+
+class RewardModel(nn.Module):
+    """Features `(..., F)` -> mean of N(r_t, 1), `(...)`. Three hidden layers of 300 by default
+    (HEAD `c04226b`, `scripts/configs.py:110-116`); camera-ready `0c6f7d3` has two of 100
+    (`--reward-layers 2 --reward-hidden-size 100`), and the paper's text two of 200."""
+
+    def __init__(self, feature_size=230, hidden_size=300, layers=3):
         super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(feature_size, hidden_size), nn.ReLU(),
-            nn.Linear(hidden_size, hidden_size), nn.ReLU(),
-            nn.Linear(hidden_size, hidden_size), nn.ReLU(),
-            nn.Linear(hidden_size, 1),
-        )
+        self.net = dense_head(feature_size, hidden_size, layers, 1)
 
     def forward(self, feature):
         return self.net(feature).squeeze(-1)
 
 
+STATE_HEADS = ("none", "diagnostic", "loss")
+
+
 class WorldModel(nn.Module):
-    """The four networks trained together; one `state_dict` holds them all. `rssm` is the
+    """The four networks (and any state heads) trained together; one `state_dict` holds them all. `rssm` is the
     transition model: PlaNet's RSSM, or with `model` one of the designs of Figure 4 (MODELS),
     which share its interface (`TransitionModel`). `gru_cell` (GRU_CELLS) and `init` (INITS) choose
     between PyTorch's GRU and initialisation and the official TensorFlow ones. `bf16` runs the
     encoder and the decoder under bf16 autocast (`--bf16`), a setting of the computation, not of
-    the weights."""
+    the weights.
+
+    `state_heads` (STATE_HEADS) adds, for each part of the env's proprioceptive observation
+    (`state_sizes`, e.g. `{"position": 3, "velocity": 2}`), a head of the reward model's shape that
+    predicts it from the features, N(mean, 1): `loss` trains the model through them, as camera-ready
+    `0c6f7d3` does (`scripts/configs.py:114-116`, `feed_forward` with `cut_gradient=False`);
+    `diagnostic` stops their gradient at the features, as HEAD `c04226b`'s `state_diagnostics`
+    means to (`scripts/configs.py:169-174`; as shipped its graph cannot be built, see
+    docs/faithfulness.md, note 3), so that they only read how much of the state the latent holds.
+    """
 
     def __init__(self, action_size, belief_size=200, state_size=30, hidden_size=200,
                  cnn_depth=32, reward_hidden_size=300, model="rssm", bf16=False, gru_cell="torch",
-                 init="torch"):
+                 init="torch", reward_layers=3, state_heads="none", state_sizes=None):
         super().__init__()
-        if gru_cell not in GRU_CELLS or init not in INITS:
-            raise ValueError(f"gru_cell must be one of {GRU_CELLS} and init one of {INITS}")
+        if gru_cell not in GRU_CELLS or init not in INITS or state_heads not in STATE_HEADS:
+            raise ValueError(f"gru_cell must be one of {GRU_CELLS}, init one of {INITS} and "
+                             f"state_heads one of {STATE_HEADS}")
+        if state_heads != "none" and not state_sizes:
+            raise ValueError("state heads need the sizes of the env's proprioceptive observation")
         self.encoder = Encoder(cnn_depth, bf16)
         self.rssm = transition_model(model, action_size, belief_size, state_size, hidden_size,
                                      self.encoder.embed_size, gru_cell)
         self.observation_model = ObservationModel(self.rssm.feature_size, cnn_depth, bf16)
-        self.reward_model = RewardModel(self.rssm.feature_size, reward_hidden_size)
+        self.reward_model = RewardModel(self.rssm.feature_size, reward_hidden_size, reward_layers)
+        self.state_heads = state_heads
+        self.state_models = nn.ModuleDict({
+            key: dense_head(self.rssm.feature_size, reward_hidden_size, reward_layers, size)
+            for key, size in (state_sizes or {}).items()} if state_heads != "none" else {})
         if init == "glorot":
             glorot_init(self)
 
     def loss(self, obs, actions, rewards, free_nats=3.0, reward_scale=10.0, overshooting_distance=0,
-             overshooting_kl_beta=1.0, overshooting_reward_scale=0.0, global_kl_beta=0.0):
+             overshooting_kl_beta=1.0, overshooting_reward_scale=0.0, global_kl_beta=0.0, states=None):
         """The negative ELBO of Eq. 3, averaged over batch and time, plus the options of the
         official code: latent overshooting (Eq. 7) of the KL up to `overshooting_distance`, weighted
         by `overshooting_kl_beta`, and of the reward, weighted by `overshooting_reward_scale`; and
         the global KL prior, KL(posterior || N(0, I)) weighted by `global_kl_beta`.
 
         obs `(T, B, 3, 64, 64)` preprocessed, actions `(T, B, A)` with `actions[t]` the action that
-        led to `obs[t]`, rewards `(T, B)` received on that transition.
+        led to `obs[t]`, rewards `(T, B)` received on that transition, and with state heads the
+        proprioceptive `states` `{key: (T, B, size)}`, each a term `state_<key>` of weight 1
+        (official), whose gradient reaches only its head when they are diagnostics.
         Returns the total to minimise and a dict of detached terms, each in nats.
         """
         belief, state = self.rssm.initial(obs.shape[1], obs.device)
@@ -363,6 +344,10 @@ class WorldModel(nn.Module):
         kl_loss = (kl - free_nats).clamp(min=0).mean()
         total = image_nll + reward_scale * reward_nll + kl_loss
         terms = {"image": image_nll, "reward": reward_nll, "kl": kl.mean(), "kl_free": kl_loss}
+        head_inputs = feature if self.state_heads == "loss" else feature.detach()
+        for key, head in self.state_models.items():
+            terms[f"state_{key}"] = gaussian_nll(states[key], head(head_inputs), dims=1).mean()
+            total = total + terms[f"state_{key}"]
         if global_kl_beta > 0:  # No free nats (camera-ready `training/utility.py`).
             unit = Gaussian(torch.zeros_like(posteriors.mean), torch.ones_like(posteriors.std), None)
             terms["global_kl"] = gaussian_kl(posteriors, unit).mean()

@@ -21,14 +21,15 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from agent import (Agent, captured_cem_plan, cem_plan, compiled_rollout_returns, planner_policy,
+from agent import (STATE_PREFIX, Agent, captured_cem_plan, cem_plan, compiled_rollout_returns, planner_policy,
                    play_episode, play_episodes, random_policy, rollout_returns)
-from model import GRU_CELLS, INITS, MODELS, WorldModel
-from utils import (BatchPrefetcher, DeviceReplayBuffer, ReplayBuffer, append_jsonl, atomic_write,
-                   derive_seed, episode_index, episode_paths, global_rng_state, keep_freed_memory,
-                   load_episode, open_loop_errors, open_loop_frames, pack_random_state, read_jsonl,
-                   resolve_device, save_episode, set_global_rng_state, set_matmul_precision,
-                   set_seed_everywhere, unpack_random_state, write_json, write_jsonl)
+from model import GRU_CELLS, INITS, MODELS, STATE_HEADS, WorldModel
+from utils import (REPLAY_KEYS, BatchPrefetcher, DeviceReplayBuffer, ReplayBuffer, append_jsonl,
+                   atomic_write, derive_seed, episode_index, episode_paths, global_rng_state,
+                   keep_freed_memory, load_episode, open_loop_errors, open_loop_frames,
+                   outgoing_reward_chunks, pack_random_state, read_jsonl, resolve_device, save_episode,
+                   set_global_rng_state, set_matmul_precision, set_seed_everywhere, unpack_random_state,
+                   write_json, write_jsonl)
 from wrappers import default_action_repeat, make_env, make_parallel_envs, parse_task
 
 CHECKPOINT = "checkpoint.pt"
@@ -38,7 +39,7 @@ CUDA_RESEED_TAG = 30_000  # Tags the seed of the CUDA generators when a CPU chec
 POSITIVE = ("episodes", "seed_episodes", "collect_interval", "batch_size", "chunk_length",
             "max_episode_length", "buffer_capacity", "horizon", "iterations", "candidates",
             "top_candidates", "test_interval", "test_episodes", "checkpoint_interval", "belief_size",
-            "state_size", "hidden_size", "reward_hidden_size", "cnn_depth", "bit_depth")
+            "state_size", "hidden_size", "reward_hidden_size", "reward_layers", "cnn_depth", "bit_depth")
 # Every other setting stays the run's own on --resume.
 SPEED_PATHS = ("capture_planner", "compile_update", "replay_on_device", "tf32", "bf16")
 RESUME_MAY_CHANGE = ("episodes", "device", "nan_policy", "compile_planner") + SPEED_PATHS
@@ -74,6 +75,8 @@ class Config:
     iterations: int = option(10, "CEM iterations (I)")
     candidates: int = option(1000, "action sequences per iteration (J)")
     top_candidates: int = option(100, "best sequences the belief is refit to (K)")
+    planner_discount: float = option(1.0, "discount of the predicted rewards in a candidate's return: "
+                                     "1 (HEAD c04226b) or 0.99 (camera-ready 0c6f7d3)")
     compile_planner: bool = option(False, "torch.compile the planner's rollout: fused elementwise "
                                    "ops, the same function up to float rounding, compiled at the first step")
     # Speed paths for a GPU, each the same function up to float rounding (tests/test_device.py
@@ -102,18 +105,29 @@ class Config:
     belief_size: int = option(200, "GRU belief size (deterministic state h; unused by the ssm)")
     state_size: int = option(30, "stochastic state size (s)")
     hidden_size: int = option(200, "hidden layer size of the transition model")
-    reward_hidden_size: int = option(300, "hidden layer size of the reward model")
+    reward_hidden_size: int = option(300, "hidden layer size of the reward model (and state heads)")
+    reward_layers: int = option(3, "hidden layers of the reward model (and state heads): 3 (HEAD "
+                                "c04226b) or 2 (camera-ready 0c6f7d3, with size 100)")
+    state_heads: str = option("none", "heads that predict the proprioceptive state (position, "
+                              "velocity, ...) from the features: none; diagnostic (HEAD's "
+                              "state_diagnostics: gradient stopped at the features, errors logged "
+                              "at each test); or loss (camera-ready 0c6f7d3: trained into the model)")
     cnn_depth: int = option(32, "channels of the first conv layer of encoder and decoder")
     # Loss and optimiser.
     bit_depth: int = option(5, "bits per colour channel of the observations")
     free_nats: float = option(3.0, "KL below this many nats is not penalised")
     reward_scale: float = option(10.0, "weight of the reward log-likelihood")
+    reward_alignment: str = option("incoming", "the reward that the features of step t predict: "
+                                   "incoming (HEAD c04226b: the reward of the transition into "
+                                   "obs[t]) or outgoing (camera-ready 0c6f7d3: the reward after the "
+                                   "action taken at obs[t], each chunk's first action zeroed)")
     overshooting_distance: int = option(0, "latent overshooting up to distance D: the KLs of d = 2..D "
                                            "(0: off, as the paper's agent)")
     overshooting_kl_beta: float = option(1.0, "weight of the latent overshooting KL")
     overshooting_reward_scale: float = option(0.0, "weight of reward overshooting, the reward NLL "
-                                              "on the same open-loop states (0: off; the first "
-                                              "official release used 100)")
+                                              "on the same open-loop states, as Kaixhin/PlaNet "
+                                              "(0: off; the official releases' reward overshooting "
+                                              "is another loss, see docs/faithfulness.md)")
     global_kl_beta: float = option(0.0, "weight of the global KL prior, KL(posterior || N(0, I)) "
                                    "(0: off; the first official release used 0.1)")
     learning_rate: float = option(1e-3, "Adam learning rate")
@@ -132,6 +146,7 @@ class Config:
         compiled = self.compile_planner and not self.capture_planner  # Else compiled whole, or not.
         return {"horizon": self.horizon, "iterations": self.iterations,
                 "candidates": self.candidates, "top_candidates": self.top_candidates,
+                "discount": self.planner_discount,
                 "rollout": compiled_rollout_returns() if compiled else rollout_returns}
 
     def plan(self, device):
@@ -152,21 +167,40 @@ PRESETS = {
         "cnn_depth": 16,  # Encoder/decoder channels 16..128: an update is 2.6x faster on a CPU.
         "episodes": 80,  # Measured alone on 2 cores: 106 s per episode, 124 s per test.
     },
+    # The official code at commit 0c6f7d3 (May 2019, "Update hyper parameters to camera ready
+    # version"), where it differs from HEAD c04226b, which the defaults follow. docs/faithfulness.md
+    # gives the source lines of each item.
+    "camera-ready": {
+        "state_heads": "loss",  # Position, velocity (touch, ...) heads trained into the model.
+        "reward_layers": 2, "reward_hidden_size": 100,  # `feed_forward` of `networks/basic.py`.
+        "planner_discount": 0.99,
+        "reward_alignment": "outgoing",
+        # By dm_control task; the others keep the paper's. 166 decisions of 6: 996 physics steps.
+        "action_repeat": {("ball_in_cup", "catch"): 6}, "max_episode_length": {("ball_in_cup", "catch"): 996},
+        "gru_cell": "block", "init": "glorot",  # TensorFlow's, as in both official versions.
+    },
 }
 
 
 def apply_preset(given):
-    """The flags given, on top of the defaults of `--preset NAME` if there is one, which it logs.
-    Raises ValueError for an unknown preset."""
-    name = given.get("preset", "")
-    if not name:
-        return given
-    if name not in PRESETS:
-        raise ValueError(f"unknown --preset {name!r}; known presets: {', '.join(PRESETS)}")
-    overridden = sorted(set(PRESETS[name]) & set(given))
-    logging.info("preset %s: %s%s", name, ", ".join(f"{key}={value}" for key, value in PRESETS[name].items()),
-                 f" (overridden by flags: {', '.join(overridden)})" if overridden else "")
-    return {**PRESETS[name], **given}
+    """The flags given, on top of the defaults of `--preset NAME[,NAME...]` (applied in turn), which
+    it logs. A preset's value may be a dict by dm_control `(domain, task)`: the task's entry, or
+    nothing for another task. Raises ValueError for an unknown preset or task."""
+    names = [name for name in given.get("preset", "").split(",") if name]
+    unknown = [name for name in names if name not in PRESETS]
+    if unknown:
+        raise ValueError(f"unknown --preset {', '.join(unknown)}; known presets: {', '.join(PRESETS)}")
+    task = parse_task(given.get("task", Config.task))
+    settings = {}
+    for name in names:
+        chosen = {key: value.get(task) if isinstance(value, dict) else value
+                  for key, value in PRESETS[name].items()}
+        chosen = {key: value for key, value in chosen.items() if value is not None}
+        overridden = sorted(set(chosen) & set(given))
+        logging.info("preset %s: %s%s", name, ", ".join(f"{key}={value}" for key, value in chosen.items()),
+                     f" (overridden by flags: {', '.join(overridden)})" if overridden else "")
+        settings.update(chosen)
+    return {**settings, **given}
 
 
 def parse_args(argv=None):
@@ -234,26 +268,43 @@ def parse_args(argv=None):
         parser.error(f"--gru-cell must be one of {', '.join(GRU_CELLS)}")
     if config.init not in INITS:
         parser.error(f"--init must be one of {', '.join(INITS)}")
+    if config.state_heads not in STATE_HEADS:
+        parser.error(f"--state-heads must be one of {', '.join(STATE_HEADS)}")
+    if config.reward_alignment not in ("incoming", "outgoing"):
+        parser.error("--reward-alignment must be incoming or outgoing")
+    if not 0 < config.planner_discount <= 1:
+        parser.error("--planner-discount must be in (0, 1]")
     if config.collect not in ("planner", "random"):
         parser.error("--collect must be planner or random")
     if config.top_candidates > config.candidates:
         parser.error("--top-candidates must not exceed --candidates")
     config.action_repeat = config.action_repeat or default_action_repeat(config.task)
-    if config.chunk_length > config.max_episode_length // config.action_repeat + 1:
+    # Outgoing rewards make each chunk from one more stored step (`build_replay`).
+    stored = config.chunk_length + (config.reward_alignment == "outgoing")
+    if stored > config.max_episode_length // config.action_repeat + 1:
         parser.error("--chunk-length is longer than an episode")
     return config, resume or run_dir, bool(resume)
 
 
-def build_model(config, action_size):
+def build_model(config, action_size, state_sizes=None):
+    """The world model of `config` for an env's action size and the sizes of its proprioceptive
+    observation (`DMCEnv.state_sizes`, needed by state heads)."""
     return WorldModel(action_size, config.belief_size, config.state_size, config.hidden_size,
                       config.cnn_depth, config.reward_hidden_size, config.model, config.bf16,
-                      config.gru_cell, config.init)
+                      config.gru_cell, config.init, config.reward_layers, config.state_heads, state_sizes)
 
 
-def build_replay(config, device):
+def build_replay(config, device, state_sizes=None):
+    """The replay buffer: chunks of the frames, actions and rewards, and the proprioceptive states
+    when state heads need them. Outgoing rewards make each chunk from one more stored step
+    (`outgoing_reward_chunks`)."""
+    keys = REPLAY_KEYS
+    if config.state_heads != "none":
+        keys += tuple(STATE_PREFIX + key for key in state_sizes)
+    length = config.chunk_length + (config.reward_alignment == "outgoing")
     if config.replay_on_device:
-        return DeviceReplayBuffer(config.chunk_length, config.buffer_capacity, config.seed, device)
-    return ReplayBuffer(config.chunk_length, config.buffer_capacity, seed=config.seed)
+        return DeviceReplayBuffer(length, config.buffer_capacity, config.seed, device, keys)
+    return ReplayBuffer(length, config.buffer_capacity, config.seed, keys)
 
 
 # --- Reading runs back. Each raises ValueError with a one-line reason. ---
@@ -285,7 +336,7 @@ def read_checkpoint(run_dir, config, model, device):
     # A setting missing from an older checkpoint had its default then.
     mismatched = [f"{name} {saved.get(name, getattr(Config, name))} != {getattr(config, name)}"
                   for name in ("task", "model", "gru_cell", "belief_size", "state_size", "hidden_size",
-                               "reward_hidden_size", "cnn_depth")
+                               "reward_hidden_size", "reward_layers", "state_heads", "cnn_depth")
                   if saved.get(name, getattr(Config, name)) != getattr(config, name)]
     if mismatched:
         raise ValueError(f"{path} does not match the model in config.json: {', '.join(mismatched)}")
@@ -300,7 +351,9 @@ def load_run(run_dir, device):
     """The config, the model (in eval mode) and the checkpoint of a run, e.g. one still training."""
     config = read_config(run_dir)
     set_matmul_precision(device, config.tf32)
-    model = build_model(config, make_env(config.task).action_size).to(device)
+    env = make_env(config.task)
+    model = build_model(config, env.action_size, env.state_sizes).to(device)
+    env.close()
     checkpoint = read_checkpoint(run_dir, config, model, device)
     model.eval()
     return config, model, checkpoint
@@ -331,16 +384,19 @@ def compile_loss(model, device):
 
 def update(model, optimizer, batch, config, step, loss_fn=None):
     """Gradient step number `step` (from 0) on a batch of preprocessed chunks `(obs, actions,
-    rewards)` on the model's device, with `model.loss` or `loss_fn` (`compile_loss`). Returns the
-    detached loss terms; no host sync unless --nan-policy skip, which must look at the loss
-    before stepping."""
+    rewards, *states)` on the model's device, as the replay gives them (`build_replay`), with
+    `model.loss` or `loss_fn` (`compile_loss`). Returns the detached loss terms; no host sync
+    unless --nan-policy skip, which must look at the loss before stepping."""
     warmup = min(1.0, step / config.warmup_updates) if config.warmup_updates else 1.0
     for group in optimizer.param_groups:
         group["lr"] = config.learning_rate * warmup
-    obs, actions, rewards = batch
+    obs, actions, rewards, *states = batch
+    if config.reward_alignment == "outgoing":
+        obs, actions, rewards, *states = outgoing_reward_chunks(obs, actions, rewards, *states)
     loss, terms = (loss_fn or model.loss)(obs, actions, rewards, config.free_nats, config.reward_scale,
                                           config.overshooting_distance, config.overshooting_kl_beta,
-                                          config.overshooting_reward_scale, config.global_kl_beta)
+                                          config.overshooting_reward_scale, config.global_kl_beta,
+                                          dict(zip(model.state_models, states)))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip_norm)
@@ -394,7 +450,8 @@ def test(model, envs, config, first_index, run_dir):
     returns = np.array([episode["reward"].sum() for episode in episodes])
     metrics = {"test/return": float(returns.mean()), "test/return_std": float(returns.std())}
     # Whether the model can plan yet: open-loop predictions over the planner's horizon.
-    errors = open_loop_errors(model, episodes, config.horizon, bit_depth=config.bit_depth)
+    errors = open_loop_errors(model, episodes, config.horizon, bit_depth=config.bit_depth,
+                              reward_offset=int(config.reward_alignment == "outgoing"))
     metrics.update({f"test/{name}": value for name, value in errors.items()})
     truth, prediction = open_loop_frames(model, episodes[0], context=5, length=50,
                                          bit_depth=config.bit_depth)
@@ -434,11 +491,11 @@ class Workspace:
         self.rng = np.random.default_rng(config.seed)  # Seed episodes' random actions.
         self.env = make_env(config.task, config.seed, config.action_repeat, config.max_episode_length)
         self.test_envs = None  # Worker processes, started at the first test.
-        self.model = build_model(config, self.env.action_size).to(self.device).eval()
+        self.model = build_model(config, self.env.action_size, self.env.state_sizes).to(self.device).eval()
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.learning_rate,
                                           eps=config.adam_epsilon)
         self.loss_fn = compile_loss(self.model, self.device) if config.compile_update else None
-        self.buffer = build_replay(config, self.device)
+        self.buffer = build_replay(config, self.device, self.env.state_sizes)
         # The batches' dequantisation noise: a stream of its own, apart from torch's global one.
         self.batch_noise = torch.Generator(self.device).manual_seed(derive_seed(config.seed, BATCH_NOISE_TAG))
         self.agent = Agent(self.model, config.planner, config.bit_depth, plan=config.plan(self.device))

@@ -84,6 +84,9 @@ def episode_paths(directory):
     return sorted(Path(directory).glob("*.npz"))
 
 
+REPLAY_KEYS = ("obs", "action", "reward")
+
+
 class ReplayBuffer:
     """Episodes in memory, sampled as chunks of `L` consecutive steps inside one episode.
 
@@ -93,9 +96,10 @@ class ReplayBuffer:
     `capacity` steps, the oldest episodes leave memory (their files stay on disk).
     """
 
-    def __init__(self, chunk_length, capacity=1_000_000, seed=0):
+    def __init__(self, chunk_length, capacity=1_000_000, seed=0, keys=REPLAY_KEYS):
         self.chunk_length = chunk_length
         self.capacity = capacity
+        self.keys = tuple(keys)
         self.episodes = []
         self.rng = np.random.default_rng(seed)
         self._starts = np.zeros(0, dtype=np.int64)  # Valid chunk starts per episode.
@@ -121,12 +125,11 @@ class ReplayBuffer:
         return index, flat - (cumulative[index] - self._starts[index])
 
     def sample(self, batch_size):
-        """-> obs uint8 `(L, B, 3, 64, 64)`, actions `(L, B, A)`, rewards `(L, B)` (time-major)."""
+        """-> one array per key, time-major: obs uint8 `(L, B, 3, 64, 64)`, actions `(L, B, A)`,
+        rewards `(L, B)`, then any further keys (e.g. `state_position` `(L, B, 3)`)."""
         index, offset = self.chunk_starts(batch_size)
-        chunks = [{key: value[o:o + self.chunk_length] for key, value in self.episodes[i].items()}
-                  for i, o in zip(index, offset)]
-        return tuple(np.stack([chunk[key] for chunk in chunks], axis=1)
-                     for key in ("obs", "action", "reward"))
+        return tuple(np.stack([self.episodes[i][key][o:o + self.chunk_length] for i, o in zip(index, offset)],
+                              axis=1) for key in self.keys)
 
 
 class DeviceReplayBuffer(ReplayBuffer):
@@ -137,13 +140,11 @@ class DeviceReplayBuffer(ReplayBuffer):
 
     The flat tensors grow by doubling; when the oldest episodes leave memory, the rest move down.
     `sample` returns tensors on the device: obs `(L, B, 3, 64, 64)` uint8, actions `(L, B, A)`,
-    rewards `(L, B)`.
+    rewards `(L, B)`, then any further keys.
     """
 
-    KEYS = ("obs", "action", "reward")
-
-    def __init__(self, chunk_length, capacity=1_000_000, seed=0, device="cpu"):
-        super().__init__(chunk_length, capacity, seed)
+    def __init__(self, chunk_length, capacity=1_000_000, seed=0, device="cpu", keys=REPLAY_KEYS):
+        super().__init__(chunk_length, capacity, seed, keys)
         self.device = torch.device(device)
         self._flat = None  # key -> tensor (capacity, ...), the first `self._used` rows filled.
         self._used = 0
@@ -153,12 +154,12 @@ class DeviceReplayBuffer(ReplayBuffer):
         length = len(episode["reward"])
         if self._flat is None:
             self._flat = {key: torch.empty((length, *episode[key].shape[1:]), device=self.device,
-                                           dtype=torch.from_numpy(episode[key][:1]).dtype) for key in self.KEYS}
+                                           dtype=torch.from_numpy(episode[key][:1]).dtype) for key in self.keys}
         if self._used + length > len(self._flat["reward"]):
             size = max(2 * len(self._flat["reward"]), self._used + length)
             self._flat = {key: torch.cat([value[:self._used], value.new_empty((size - self._used, *value.shape[1:]))])
                           for key, value in self._flat.items()}
-        for key in self.KEYS:
+        for key in self.keys:
             self._flat[key][self._used:self._used + length] = torch.from_numpy(episode[key]).to(self.device)
         self._used += length
         # Only the lengths stay on the host; `self.episodes` keeps what ReplayBuffer needs of them.
@@ -175,7 +176,7 @@ class DeviceReplayBuffer(ReplayBuffer):
         index, offset = self.chunk_starts(batch_size)
         rows = torch.as_tensor(self._first[index] + offset, device=self.device)
         rows = rows + torch.arange(self.chunk_length, device=self.device)[:, None]  # (L, B)
-        return tuple(self._flat[key][rows] for key in self.KEYS)
+        return tuple(self._flat[key][rows] for key in self.keys)
 
 
 class BatchPrefetcher:
@@ -184,9 +185,10 @@ class BatchPrefetcher:
     loop, so that the update step does not wait for its data.
 
     Iterating yields obs `(L, B, 3, 64, 64)` float, actions `(L, B, A)` and rewards `(L, B)` on the
-    device. While it runs, the thread is the only user of the buffer's sampler and of `generator`
-    (the dequantisation noise), and it draws exactly `count` batches: the batches, and the
-    generators' states afterwards, are those of sampling one batch per update in the loop.
+    device, then the buffer's further keys. While it runs, the thread is the only user of the
+    buffer's sampler and of `generator` (the dequantisation noise), and it draws exactly `count`
+    batches: the batches, and the generators' states afterwards, are those of sampling one batch
+    per update in the loop.
     """
 
     def __init__(self, buffer, batch_size, count, device, bit_depth=5, generator=None, depth=2):
@@ -196,12 +198,12 @@ class BatchPrefetcher:
 
     def batch(self):
         """One batch, made in the calling thread."""
-        obs, actions, rewards = (torch.as_tensor(x) for x in self.buffer.sample(self.batch_size))
-        if obs.device.type == "cpu" and self.device.type == "cuda":  # From the host replay:
-            obs, actions, rewards = (x.pin_memory() for x in (obs, actions, rewards))  # async copies.
+        batch = [torch.as_tensor(x) for x in self.buffer.sample(self.batch_size)]
+        if batch[0].device.type == "cpu" and self.device.type == "cuda":  # From the host replay:
+            batch = [x.pin_memory() for x in batch]  # async copies.
         # A no-op for a DeviceReplayBuffer's, which are there already.
-        obs, actions, rewards = (x.to(self.device, non_blocking=True) for x in (obs, actions, rewards))
-        return preprocess_observation(obs, self.bit_depth, self.generator), actions, rewards
+        obs, *rest = (x.to(self.device, non_blocking=True) for x in batch)
+        return preprocess_observation(obs, self.bit_depth, self.generator), *rest
 
     def _produce(self, ready):
         try:
@@ -269,7 +271,7 @@ def open_loop_frames(model, episode, context=5, length=50, bit_depth=5):
 
 
 @torch.no_grad()
-def open_loop_errors(model, episodes, horizon=12, stride=4, bit_depth=5):
+def open_loop_errors(model, episodes, horizon=12, stride=4, bit_depth=5, reward_offset=0):
     """How well the model predicts what the planner needs: rewards and images `horizon` steps ahead.
 
     Each episode is filtered with posteriors; from every `stride`-th step t the prior then predicts
@@ -281,39 +283,70 @@ def open_loop_errors(model, episodes, horizon=12, stride=4, bit_depth=5):
     reward model must beat before planning can use it;
     `image_mse_open_loop`: per pixel, the decoded open-loop mean against the preprocessed frame;
     `image_mse_constant`: per pixel, always predicting the mean of those frames (their variance),
-    the level a model that has learnt the background but not the motion reaches.
+    the level a model that has learnt the background but not the motion reaches;
+    with state heads, per dimension of each part of the proprioceptive state:
+    `state_<key>_mse_open_loop`, `state_<key>_mse_filtered` (posterior) and `state_<key>_mse_constant`.
+    The reward model's target at step t is `reward[t + reward_offset]`: 1 when it predicts the
+    reward that leaves each step (`--reward-alignment outgoing`).
     """
     device = next(model.parameters()).device
-    totals = {"reward_mse_open_loop": 0.0, "reward_mse_posterior": 0.0, "image_mse_open_loop": 0.0}
-    targets = []
-    frame_sum = frame_square_sum = 0.0  # Per pixel, in float64: the frames' variance at the end.
+    sums, squares, counts = {}, {}, {}  # Per name: summed squared errors, and the targets' moments.
+
+    def add(name, prediction, target):
+        sums[name] = sums.get(name, 0.0) + (prediction - target).square().sum().item()
+        counts[name] = counts.get(name, 0) + target.numel()
+
+    def add_target(name, target):  # First and second moments per dimension, in float64.
+        target = target.reshape(-1, *target.shape[2:]).double()
+        first, second = squares.get(name, (0.0, 0.0))
+        squares[name] = (first + target.sum(0), second + target.square().sum(0))
+
     for episode in episodes:
         obs = preprocess_observation(torch.as_tensor(episode["obs"][:, None], device=device), bit_depth)
         actions = torch.as_tensor(episode["action"][:, None], device=device)
         rewards = torch.as_tensor(episode["reward"], device=device)
         beliefs, _, posteriors = model.rssm.observe(model.encoder(obs), actions,
                                                     *model.rssm.initial(1, device))
-        starts = torch.arange(0, len(rewards) - horizon, stride, device=device)
+        starts = torch.arange(0, len(rewards) - horizon - reward_offset, stride, device=device)
         ahead = starts + torch.arange(1, horizon + 1, device=device)[:, None]  # (horizon, N)
         imagined_beliefs, imagined_states = model.rssm.imagine(actions[ahead, 0], beliefs[starts, 0],
                                                                posteriors.sample[starts, 0])
         imagined = features(imagined_beliefs, imagined_states)
         posterior = features(beliefs[ahead, 0], posteriors.sample[ahead, 0])
-        target = rewards[ahead]
-        totals["reward_mse_open_loop"] += (model.reward_model(imagined) - target).square().sum().item()
-        totals["reward_mse_posterior"] += (model.reward_model(posterior) - target).square().sum().item()
-        image_error = (model.observation_model(imagined) - obs[ahead, 0]).square().mean((-3, -2, -1))
-        totals["image_mse_open_loop"] += image_error.sum().item()
-        frames = obs[ahead, 0].flatten(0, 1).double()
-        frame_sum = frame_sum + frames.sum(0)
-        frame_square_sum = frame_square_sum + frames.square().sum(0)
-        targets.append(target.flatten())
-    targets = torch.cat(targets)
-    errors = {name: total / len(targets) for name, total in totals.items()}
-    errors["reward_mse_constant"] = targets.var(unbiased=False).item()
-    mean_frame = frame_sum / len(targets)
-    errors["image_mse_constant"] = (frame_square_sum / len(targets) - mean_frame.square()).mean().item()
+        target = rewards[ahead + reward_offset]
+        add("reward_mse_open_loop", model.reward_model(imagined), target)
+        add("reward_mse_posterior", model.reward_model(posterior), target)
+        add_target("reward", target)
+        frames = obs[ahead, 0]
+        add("image_mse_open_loop", model.observation_model(imagined), frames)
+        add_target("image", frames)
+        for key, head in model.state_models.items():
+            state = torch.as_tensor(episode[f"state_{key}"], device=device)[ahead]
+            add(f"state_{key}_mse_open_loop", head(imagined), state)
+            add(f"state_{key}_mse_filtered", head(posterior), state)
+            add_target(f"state_{key}", state)
+    errors = {name: total / counts[name] for name, total in sums.items()}
+    for name, (first, second) in squares.items():
+        count = counts[f"{name}_mse_open_loop"] / first.numel()  # Targets per dimension.
+        variance = second / count - (first / count).square()
+        errors[f"{name}_mse_constant"] = variance.mean().item()
     return errors
+
+
+def outgoing_reward_chunks(obs, actions, rewards, *states):
+    """Camera-ready `0c6f7d3`'s data alignment (`--reward-alignment outgoing`), made from chunks of
+    L + 1 stored steps: L steps whose `rewards[t]` is the reward of the transition that *leaves*
+    `obs[t]`, driven by the action taken there, and whose first action is zero.
+
+    Camera-ready stores at each step the observation, the action taken at it and the reward that
+    follows, without the final observation (`control/wrappers.py:455-468`), and shifts the actions
+    by one step with a zero first in each chunk (`training/define_model.py:41-42`). We store the
+    action and reward that *led to* `obs[t]` (HEAD's alignment), so the same chunk is: the first L
+    frames (and states), the actions that led to them with the first zeroed, and the next L rewards.
+    All `(L + 1, B, ...)` -> `(L, B, ...)`.
+    """
+    first_action = torch.zeros_like(actions[:1])
+    return (obs[:-1], torch.cat([first_action, actions[1:-1]]), rewards[1:], *(state[:-1] for state in states))
 
 
 # --- Small helpers. ---

@@ -21,7 +21,7 @@ class ToyDynamics:
         self.action_size = action_size
 
 
-def toy_rollout(rssm, reward_model, actions, belief, state):
+def toy_rollout(rssm, reward_model, actions, belief, state, discount=1.0):
     """Returns -|action - target|^2 summed over the horizon: they peak at each agent's target."""
     return -((actions - belief) ** 2).sum((0, 2))
 
@@ -60,16 +60,19 @@ def test_cem_with_one_iteration_is_only_the_mean_of_the_best(top_candidates):
         assert np.isin(plan.numpy(), sequences[0]).all(), "random shooting returns a candidate's action"
 
 
-def test_rollout_returns_equal_the_summed_rewards_of_an_imagined_rollout(tiny_model):
-    """The planner's step-by-step sum is the reward model on `imagine`'s stacked rollout."""
+@pytest.mark.parametrize("discount", [1.0, 0.99, 0.5])
+def test_rollout_returns_equal_the_summed_rewards_of_an_imagined_rollout(tiny_model, discount):
+    """The planner's step-by-step sum is the reward model on `imagine`'s stacked rollout, the k-th
+    step (from 0) weighted by discount^k (camera-ready's 0.99; 1 at HEAD)."""
     belief, state = torch.randn(7, 16), torch.randn(7, 4)
     actions = torch.rand(5, 7, 2) * 2 - 1
     with torch.no_grad():
         torch.manual_seed(3)
         beliefs, states = tiny_model.rssm.imagine(actions, belief, state)
-        expected = tiny_model.reward_model(features(beliefs, states)).sum(0)
+        weights = torch.tensor([discount ** k for k in range(5)])[:, None]
+        expected = (weights * tiny_model.reward_model(features(beliefs, states))).sum(0)
         torch.manual_seed(3)
-        returns = rollout_returns(tiny_model.rssm, tiny_model.reward_model, actions, belief, state)
+        returns = rollout_returns(tiny_model.rssm, tiny_model.reward_model, actions, belief, state, discount)
     torch.testing.assert_close(returns, expected)
 
 
@@ -180,12 +183,15 @@ def test_parallel_episodes_are_the_sequential_ones():
         assert episode["obs"].shape == (7, 3, 64, 64) and episode["action"].shape == (7, 1)
         assert (episode["action"][0] == 0).all() and episode["reward"][0] == 0
         replay = make_env("cartpole-swingup", max_episode_length=48)
-        obs, _ = replay.reset(seed=seed)
+        obs, info = replay.reset(seed=seed)
         np.testing.assert_array_equal(obs, episode["obs"][0])
         for t in range(1, 7):
-            obs, reward, *_ = replay.step(episode["action"][t])
+            for key, value in info["state"].items():  # Each env's own state, at the same step.
+                np.testing.assert_array_equal(episode[f"state_{key}"][t - 1], value)
+            obs, reward, _, _, info = replay.step(episode["action"][t])
             np.testing.assert_array_equal(obs, episode["obs"][t])
             assert reward == pytest.approx(episode["reward"][t])
+        assert sorted(episode) == ["action", "obs", "reward", "state_position", "state_velocity"]
         assert_frames_are_the_episodes(frames[i], episode["obs"][:-1])
         with torch.no_grad():
             expected = filtered_belief(model, frames[i], episode["action"][:-1])

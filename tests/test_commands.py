@@ -316,16 +316,17 @@ def test_bad_run_directories(script, run_dir, tmp_path):
 VARIANTS = {  # Name -> (flags, a flag that a resumed run must refuse to change).
     "ssm": (["--model", "ssm"], ["--model", "rssm"]),
     "gru": (["--model", "gru"], ["--model", "rssm"]),
-    "official": (["--gru-cell", "block", "--init", "glorot", "--overshooting-reward-scale", "100",
-                  "--global-kl-beta", "0.1"], ["--gru-cell", "torch"]),
+    "camera-ready": (["--preset", "camera-ready", "--overshooting-reward-scale", "100",
+                      "--global-kl-beta", "0.1"], ["--state-heads", "none"]),
 }
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_each_model_variant_trains_resumes_tests_and_predicts(variant, tmp_path):
-    """The designs of Figure 4, and the RSSM with the official code's GRU, initialisation and loss
-    options, through the same commands, latent overshooting on; `rssm` is the run of the tests
-    above."""
+    """The designs of Figure 4, and the camera-ready configuration (the official GRU and
+    initialisation, state heads trained into the model, outgoing rewards, ...) with the official
+    loss options, through the same commands, latent overshooting on; `rssm` is the run of the
+    tests above."""
     run_dir = tmp_path / variant
     variant_flags, refused_change = VARIANTS[variant]
     # Free nats 0: the tiny model's KLs, some 0.3 nats, are below the default 3, which clamps them to 0.
@@ -336,7 +337,7 @@ def test_each_model_variant_trains_resumes_tests_and_predicts(variant, tmp_path)
     files = {path: path.stat() for path in episode_paths(run_dir / "episodes" / "train")}
     metrics_so_far = (run_dir / "metrics.jsonl").read_text()
     saved = torch.load(run_dir / "checkpoint.pt", weights_only=True)
-    saved["model"]["reward_model.net.6.bias"] += 1.0
+    saved["model"]["reward_model.net.0.bias"] += 1.0
     torch.save(saved, run_dir / "checkpoint.pt")
     run("train.py", "--resume", str(run_dir), "--episodes", "4")
     assert (run_dir / "metrics.jsonl").read_text().startswith(metrics_so_far)
@@ -346,23 +347,31 @@ def test_each_model_variant_trains_resumes_tests_and_predicts(variant, tmp_path)
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["episodes"] for m in metrics] == [1, 2, 3, 4] and "test/return" in metrics[-1]
     # The overshooting KL is positive and, with weight 1, part of the total that is minimised,
-    # as are, with their weights, the official options' terms.
+    # as are, with their weights, the official options' terms and camera-ready's state heads.
     terms = {name.split("/")[1]: value for name, value in metrics[-1].items() if name.startswith("loss/")}
     assert terms["overshooting_kl"] > 0
-    options = 100 * terms["overshooting_reward"] + 0.1 * terms["global_kl"] if variant == "official" else 0
-    assert ("global_kl" in terms) == (variant == "official")
+    camera_ready = variant == "camera-ready"
+    states = ["state_position", "state_velocity"] if camera_ready else []
+    assert sorted(name for name in terms if name.startswith("state_")) == states
+    assert all(f"test/{name}_mse_{kind}" in metrics[-1] for name in states
+               for kind in ("open_loop", "filtered", "constant"))
+    options = (100 * terms["overshooting_reward"] + 0.1 * terms["global_kl"] + sum(terms[name] for name in states)
+               if camera_ready else 0)
+    assert ("global_kl" in terms) == camera_ready
     assert terms["total"] == pytest.approx(terms["image"] + 10 * terms["reward"] + terms["kl_free"]
                                            + terms["overshooting_kl"] + options, abs=0.02)  # float32 near 1e4.
     checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
-    assert checkpoint["config"]["model"] == ("rssm" if variant == "official" else variant)
-    assert checkpoint["config"]["gru_cell"] == ("block" if variant == "official" else "torch")
+    assert checkpoint["config"]["model"] == ("rssm" if camera_ready else variant)
+    assert checkpoint["config"]["gru_cell"] == ("block" if camera_ready else "torch")
+    assert checkpoint["config"]["reward_alignment"] == ("outgoing" if camera_ready else "incoming")
     # It went on from the checkpoint's weights and Adam: 3 more updates at the warm-up's learning
     # rate (at most 2.5e-5) moved the marked bias by far less than 1e-3.
-    torch.testing.assert_close(checkpoint["model"]["reward_model.net.6.bias"],
-                               saved["model"]["reward_model.net.6.bias"], rtol=0, atol=1e-3)
+    torch.testing.assert_close(checkpoint["model"]["reward_model.net.0.bias"],
+                               saved["model"]["reward_model.net.0.bias"], rtol=0, atol=1e-3)
     assert {int(state["step"]) for state in checkpoint["optimizer"]["state"].values()} == {6}
     assert ("rssm.gru.weight_hh" in checkpoint["model"]) == (variant == "gru")
-    assert ("rssm.gru.gates.weight" in checkpoint["model"]) == (variant == "official")
+    assert ("rssm.gru.gates.weight" in checkpoint["model"]) == camera_ready
+    assert ("reward_model.net.6.bias" in checkpoint["model"]) != camera_ready  # 2 hidden layers, not 3.
     assert "mean return" in run("test.py", str(run_dir), "--episodes", "1", "--device", "cpu").stdout
     out = tmp_path / "prediction.gif"
     run("video_prediction.py", str(run_dir), "--out", str(out), "--length", "10", "--gif")

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch.distributions import Normal, kl_divergence
 
 from conftest import TINY_MODEL
-from model import (MODELS, RSSM, SSM, BlockGRUCell, Encoder, Gaussian, ObservationModel, RewardModel,
-                   WorldModel, gaussian_kl)
+from model import MODELS, RSSM, SSM, Encoder, Gaussian, ObservationModel, RewardModel, WorldModel, gaussian_kl
+from tf_layers import BlockGRUCell
 
 
 def count(module):
@@ -288,6 +288,50 @@ def test_global_kl_prior_matches_independent_computation(tiny_model):
     torch.testing.assert_close(terms["global_kl"], expected.detach())
     torch.testing.assert_close(terms["total"], plain["total"] + 0.1 * expected.detach())
     assert "global_kl" not in plain
+
+
+@pytest.mark.parametrize("state_heads", ["loss", "diagnostic"])
+def test_state_heads_are_unit_gaussians_trained_into_the_model_or_not(state_heads):
+    """Each part of the proprioceptive state gets a head of the reward model's shape, whose term is
+    -log N(state | head(features), I) summed over the part's dimensions and added with weight 1.
+    `loss` (camera-ready) sends its gradient into the encoder and the RSSM; `diagnostic` (HEAD's
+    state_diagnostics) stops it at the features, so that only the head learns from it."""
+    torch.manual_seed(0)
+    model = WorldModel(2, **TINY_MODEL, reward_layers=2, state_heads=state_heads,
+                       state_sizes={"position": 3, "velocity": 2})
+    assert [len(head) for head in model.state_models.values()] == [5, 5]  # 2 hidden layers + output.
+    assert [head[-1].out_features for head in model.state_models.values()] == [3, 2]
+    assert model.state_models["position"][0].out_features == TINY_MODEL["reward_hidden_size"]
+    obs, actions, rewards = torch.rand(5, 2, 3, 64, 64) - 0.5, torch.rand(5, 2, 2), torch.randn(5, 2)
+    states = {"position": torch.randn(5, 2, 3), "velocity": torch.randn(5, 2, 2)}
+    # The same weights without heads: the loss and the model's gradients without the state terms.
+    plain = WorldModel(2, **TINY_MODEL, reward_layers=2)
+    plain.load_state_dict(model.state_dict(), strict=False)
+    torch.manual_seed(4)
+    plain_total, plain_terms = plain.loss(obs, actions, rewards)
+    plain_total.backward()
+    torch.manual_seed(4)
+    total, terms = model.loss(obs, actions, rewards, states=states)
+    total.backward()
+    torch.manual_seed(4)
+    beliefs, _, posteriors = model.rssm.observe(model.encoder(obs), actions, *model.rssm.initial(2, "cpu"))
+    feature = torch.cat([posteriors.sample, beliefs], -1)
+    for key, target in states.items():
+        expected = -Normal(model.state_models[key](feature), 1.0).log_prob(target).sum(-1).mean()
+        torch.testing.assert_close(terms[f"state_{key}"], expected.detach())
+    torch.testing.assert_close(terms["total"], plain_terms["total"] + terms["state_position"] + terms["state_velocity"])
+    assert all(p.grad.abs().sum() > 0 for p in model.state_models.parameters())
+    for part in ("encoder", "rssm"):
+        pairs = zip(getattr(model, part).parameters(), getattr(plain, part).parameters())
+        grads = [(p.grad, q.grad) for p, q in pairs if q.grad is not None]
+        same = all(torch.allclose(ours, theirs, rtol=1e-5, atol=1e-7) for ours, theirs in grads)
+        assert same == (state_heads == "diagnostic"), part
+
+
+def test_reward_model_layers():
+    """3 x 300 by default (HEAD); camera-ready's `feed_forward` is 2 x 100."""
+    assert count(RewardModel()) == 230 * 300 + 300 + 2 * (300 * 300 + 300) + 300 + 1
+    assert count(RewardModel(230, 100, layers=2)) == 230 * 100 + 100 + 100 * 100 + 100 + 100 + 1
 
 
 def test_open_loop_prediction_uses_posteriors_then_prior(tiny_model):

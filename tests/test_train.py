@@ -6,7 +6,7 @@ import torch
 
 from conftest import TINY_MODEL, make_episode
 from model import WorldModel
-from train import PRESETS, Config, parse_args, update
+from train import PRESETS, Config, build_replay, parse_args, update
 from utils import BatchPrefetcher, ReplayBuffer, write_json
 
 
@@ -65,11 +65,67 @@ def test_preset_sets_its_values_and_flags_win(caplog):
     assert "preset small: batch_size=16" in caplog.text and "overridden by flags: candidates" in caplog.text
 
 
+def test_camera_ready_preset_is_commit_0c6f7d3_by_task(caplog):
+    """`--preset camera-ready` sets the camera-ready value of every item with a flag; cup-catch's
+    action repeat 6 (166 decisions: 996 physics steps) only on cup-catch; it stacks after `small`."""
+    with caplog.at_level("INFO"):
+        cup, _, _ = parse_args(["--task", "cup-catch", "--preset", "camera-ready"])
+    expected = {"state_heads": "loss", "reward_layers": 2, "reward_hidden_size": 100, "planner_discount": 0.99,
+                "reward_alignment": "outgoing", "gru_cell": "block", "init": "glorot", "action_repeat": 6,
+                "max_episode_length": 996}
+    assert {name: getattr(cup, name) for name in expected} == expected
+    assert cup.planner["discount"] == 0.99
+    assert "preset camera-ready: state_heads=loss" in caplog.text and "action_repeat=6" in caplog.text
+    both, _, _ = parse_args(["--task", "cartpole-swingup", "--preset", "small,camera-ready", "--planner-discount", "1"])
+    assert (both.action_repeat, both.max_episode_length, both.batch_size, both.cnn_depth) == (8, 1000, 16, 16)
+    assert (both.state_heads, both.planner_discount, both.reward_layers) == ("loss", 1.0, 2)
+    default, _, _ = parse_args(["--task", "cup-catch"])
+    assert (default.action_repeat, default.state_heads, default.reward_alignment) == (4, "none", "incoming")
+
+
+@pytest.mark.parametrize("flag, value", [("--state-heads", "some"), ("--reward-alignment", "next"),
+                                         ("--planner-discount", "0"), ("--planner-discount", "1.5")])
+def test_bad_camera_ready_options_are_refused(flag, value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args([flag, value])
+    assert exit_info.value.code == 2 and f"{flag} must be" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("alignment", ["incoming", "outgoing"])
+def test_update_gives_the_loss_the_aligned_chunks_and_states(alignment, monkeypatch):
+    """The replay's chunks of L (+ 1 for outgoing rewards) steps reach the loss as L steps, aligned
+    as `outgoing_reward_chunks` makes them, with the states by key."""
+    config = Config(batch_size=3, chunk_length=4, reward_alignment=alignment, state_heads="loss", **TINY_MODEL)
+    model = WorldModel(2, **TINY_MODEL, state_heads="loss", state_sizes={"position": 3})
+    episode = make_episode(1, 10)
+    episode["state_position"] = torch.randn(11, 3).numpy()
+    buffer = build_replay(config, "cpu", {"position": 3})
+    buffer.add(episode)
+    batch = BatchPrefetcher(buffer, config.batch_size, count=1, device="cpu").batch()
+    seen = {}
+
+    def loss(obs, actions, rewards, *options):
+        seen.update(obs=obs, actions=actions, rewards=rewards, states=options[-1])
+        return WorldModel.loss(model, obs, actions, rewards, *options)
+
+    monkeypatch.setattr(model, "loss", loss)
+    update(model, torch.optim.Adam(model.parameters()), batch, config, step=0)
+    obs, actions, rewards, positions = batch
+    if alignment == "outgoing":
+        assert len(obs) == 5
+        obs, rewards, positions = obs[:-1], rewards[1:], positions[:-1]
+        actions = torch.cat([0 * actions[:1], actions[1:-1]])
+    for name, expected in (("obs", obs), ("actions", actions), ("rewards", rewards)):
+        torch.testing.assert_close(seen[name], expected, rtol=0, atol=0)
+    assert list(seen["states"]) == ["position"]
+    torch.testing.assert_close(seen["states"]["position"], positions, rtol=0, atol=0)
+
+
 def test_unknown_preset_is_refused(capsys):
     with pytest.raises(SystemExit) as exit_info:
         parse_args(["--preset", "tiny"])
     assert exit_info.value.code == 2
-    assert "unknown --preset 'tiny'; known presets: small" in capsys.readouterr().err
+    assert "unknown --preset tiny; known presets: small, camera-ready" in capsys.readouterr().err
 
 
 def test_resume_keeps_the_preset(tmp_path, capsys):

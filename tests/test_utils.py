@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, make_episode
+from conftest import ROOT, TINY_MODEL, make_episode
+from model import WorldModel
 from utils import (BatchPrefetcher, ReplayBuffer, episode_paths, load_episode, open_loop_errors,
-                   postprocess_observation, preprocess_observation, save_episode)
+                   outgoing_reward_chunks, postprocess_observation, preprocess_observation, save_episode)
 
 
 def test_bit_depth_round_trip():
@@ -121,11 +122,41 @@ def test_episode_files_round_trip(tmp_path):
         assert loaded[key].dtype == episode[key].dtype
 
 
-def test_open_loop_errors_match_a_step_by_step_computation(tiny_model, monkeypatch):
+def test_outgoing_rewards_make_the_camera_ready_chunks():
+    """Camera-ready stores, per step, the observation, the action taken at it and the reward that
+    follows, without the final observation (`control/wrappers.py:455-468`), and feeds the actions
+    shifted by one with a zero first (`training/define_model.py:41-42`). Built by hand from an
+    episode in our storage, its chunks are those that `outgoing_reward_chunks` makes from L + 1
+    stored steps, and the replay's starts cover the same range, 0 .. T - L."""
+    rng = np.random.default_rng(0)
+    length, chunk = 12, 5
+    episode = make_episode(3, length)
+    episode["action"][1:] = rng.uniform(-1, 1, (length, 2))
+    episode["reward"][1:] = rng.normal(size=length)
+    episode["state_position"] = rng.normal(size=(length + 1, 3)).astype(np.float32)
+    taken, after = episode["action"][1:], episode["reward"][1:]  # At obs[t], and the reward after it.
+    buffer = ReplayBuffer(chunk + 1, seed=0, keys=("obs", "action", "reward", "state_position"))
+    buffer.add(episode)
+    assert buffer._starts.tolist() == [length - chunk + 1]
+    for start in range(length - chunk + 1):
+        stored = [torch.as_tensor(episode[key][start:start + chunk + 1]) for key in buffer.keys]
+        obs, actions, rewards, positions = outgoing_reward_chunks(*stored)
+        np.testing.assert_array_equal(obs.numpy(), episode["obs"][start:start + chunk])
+        np.testing.assert_array_equal(actions.numpy(),
+                                      np.concatenate([np.zeros((1, 2)), taken[start:start + chunk - 1]]))
+        np.testing.assert_array_equal(rewards.numpy(), after[start:start + chunk])
+        np.testing.assert_array_equal(positions.numpy(), episode["state_position"][start:start + chunk])
+
+
+@pytest.mark.parametrize("reward_offset", [0, 1])
+def test_open_loop_errors_match_a_step_by_step_computation(reward_offset, monkeypatch):
     """Every start t, every step ahead k: the prior from the posterior at t, driven by the actions
-    that led to t+1 .. t+k, predicts reward[t+k] and obs[t+k]. Sampling is switched off (samples =
-    means) so that the two computations see the same states."""
+    that led to t+1 .. t+k, predicts reward[t+k] (reward[t+k+1] for outgoing rewards), obs[t+k]
+    and, through the state heads, the proprioceptive state at t+k. Sampling is switched off
+    (samples = means) so that the two computations see the same states."""
     monkeypatch.setattr(torch, "randn_like", torch.zeros_like)
+    torch.manual_seed(1)
+    tiny_model = WorldModel(2, **TINY_MODEL, state_heads="diagnostic", state_sizes={"position": 3})
     rng = np.random.default_rng(0)
     episodes = []
     for length in (20, 17):
@@ -133,13 +164,16 @@ def test_open_loop_errors_match_a_step_by_step_computation(tiny_model, monkeypat
         episode["obs"] = rng.integers(0, 256, episode["obs"].shape, dtype=np.uint8)
         episode["action"] = rng.uniform(-1, 1, episode["action"].shape).astype(np.float32)
         episode["reward"] = rng.normal(size=length + 1).astype(np.float32)
+        episode["state_position"] = rng.normal(size=(length + 1, 3)).astype(np.float32)
         episodes.append(episode)
     horizon, stride = 4, 3
     torch.manual_seed(0)  # The dequantisation noise of the frames.
-    errors = open_loop_errors(tiny_model, episodes, horizon, stride)
+    errors = open_loop_errors(tiny_model, episodes, horizon, stride, reward_offset=reward_offset)
     torch.manual_seed(0)
-    squared = {"reward_mse_open_loop": [], "reward_mse_posterior": [], "image_mse_open_loop": []}
-    targets, frames = [], []
+    squared = {"reward_mse_open_loop": [], "reward_mse_posterior": [], "image_mse_open_loop": [],
+               "state_position_mse_open_loop": [], "state_position_mse_filtered": []}
+    targets, frames, positions = [], [], []
+    head = tiny_model.state_models["position"]
     with torch.no_grad():
         for episode in episodes:
             obs = preprocess_observation(torch.as_tensor(episode["obs"]))
@@ -151,14 +185,20 @@ def test_open_loop_errors_match_a_step_by_step_computation(tiny_model, monkeypat
                                                                 tiny_model.encoder(obs[t:t + 1]))
                 state = posterior.sample
                 filtered.append((belief, state))
-            for t in range(0, len(obs) - horizon, stride):
+            for t in range(0, len(obs) - horizon - reward_offset, stride):
                 belief, state = filtered[t]
                 for k in range(1, horizon + 1):
                     belief, prior = tiny_model.rssm.img_step(state, actions[t + k:t + k + 1], belief)
                     state = prior.sample
                     imagined = torch.cat([state, belief], -1)
                     closed = torch.cat([filtered[t + k][1], filtered[t + k][0]], -1)
-                    reward = float(episode["reward"][t + k])
+                    reward = float(episode["reward"][t + k + reward_offset])
+                    position = episode["state_position"][t + k]
+                    squared["state_position_mse_open_loop"].append(
+                        float((head(imagined)[0] - torch.as_tensor(position)).square().mean()))
+                    squared["state_position_mse_filtered"].append(
+                        float((head(closed)[0] - torch.as_tensor(position)).square().mean()))
+                    positions.append(position)
                     predicted = float(tiny_model.reward_model(imagined)), float(tiny_model.reward_model(closed))
                     squared["reward_mse_open_loop"].append((predicted[0] - reward) ** 2)
                     squared["reward_mse_posterior"].append((predicted[1] - reward) ** 2)
@@ -169,7 +209,8 @@ def test_open_loop_errors_match_a_step_by_step_computation(tiny_model, monkeypat
     expected = {name: np.mean(values) for name, values in squared.items()}
     expected["reward_mse_constant"] = np.var(targets)
     expected["image_mse_constant"] = np.mean((frames - np.mean(frames, 0)) ** 2)
-    starts = len(range(0, 21 - horizon, stride)) + len(range(0, 18 - horizon, stride))
+    expected["state_position_mse_constant"] = np.mean(np.var(positions, 0))
+    starts = sum(len(range(0, length + 1 - horizon - reward_offset, stride)) for length in (20, 17))
     assert len(targets) == horizon * starts
     assert errors == pytest.approx(expected, rel=1e-4)
 
