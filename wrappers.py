@@ -7,6 +7,7 @@ dict, e.g. `position` and `velocity`), which the agent never sees: episodes stor
 pixels for the camera-ready configuration's state heads and for the state diagnostics.
 """
 import functools
+import logging
 import os
 
 os.environ.setdefault("MUJOCO_GL", "egl")  # Headless rendering unless the user chose otherwise.
@@ -15,6 +16,19 @@ import gymnasium as gym
 import numpy as np
 from dm_control import suite
 from dm_control.mujoco.engine import Camera
+
+
+class _SkipDeprecatedTotalMass(logging.Filter):
+    """MuJoCo 3 warns, through absl, that the `settotalmass` compiler attribute of dm_control's own
+    cheetah model is deprecated, each time the model is loaded. It is harmless to us, and looked
+    like an error to a new user at the start of `python train.py`."""
+
+    def filter(self, record):
+        return "settotalmass" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_SkipDeprecatedTotalMass())
+
 
 # Action repeat per domain, from the paper's Appendix A and the official `scripts/tasks.py`.
 ACTION_REPEAT = {"cartpole": 8, "reacher": 4, "cheetah": 4, "finger": 2, "ball_in_cup": 4, "walker": 2}
