@@ -407,16 +407,20 @@ def update(model, optimizer, batch, config, step, loss_fn=None):
     return terms
 
 
-def train_model(model, optimizer, buffer, config, device, generator, first_update, loss_fn=None):
+def train_model(model, optimizer, buffer, config, device, generator, first_update, loss_fn=None,
+                on_update=None):
     """C updates on batches prefetched in the background, their dequantisation noise drawn from
-    `generator`. Returns their mean terms; raises FloatingPointError naming the first non-finite
-    update unless --nan-policy skip."""
+    `generator`; `on_update(done, C)` after each. Returns their mean terms; raises
+    FloatingPointError naming the first non-finite update unless --nan-policy skip."""
     model.train()
     start = time.perf_counter()
     batches = BatchPrefetcher(buffer, config.batch_size, config.collect_interval, device,
                               config.bit_depth, generator)
-    history = [update(model, optimizer, batch, config, first_update + i, loss_fn)
-               for i, batch in enumerate(batches)]
+    history = []
+    for i, batch in enumerate(batches):
+        history.append(update(model, optimizer, batch, config, first_update + i, loss_fn))
+        if on_update is not None:
+            on_update(i + 1, config.collect_interval)
     model.eval()
     terms = {name: torch.stack([h[name] for h in history]).cpu() for name in history[0]}
     finite = torch.stack(list(terms.values())).isfinite().all(0)
@@ -473,6 +477,47 @@ def make_run_dir(config):
 def hyperparameter_table(config):
     rows = "\n".join(f"| {name} | {value} |" for name, value in dataclasses.asdict(config).items())
     return "| setting | value |\n| --- | --- |\n" + rows
+
+
+class EpisodeProgress:
+    """The bar over the run's episodes, moved inside each iteration too: by the updates done out of
+    C, then by the episode's steps. Its rate and ETA then count the updates from the first one on,
+    where a bar moved once per episode projects from the seed episodes, which have none (on a CPU
+    at the paper's settings: about an hour, for weeks). An update moves it by `share / C` of an
+    episode and a step by the rest over the episode's steps, `share` being the part of the last
+    iteration's time that its updates took (a half before the first is measured)."""
+
+    def __init__(self, total, done, steps_per_episode):
+        self.bar = tqdm(total=total, initial=done, unit="episode", dynamic_ncols=True,
+                        bar_format="{l_bar}{bar}| {n:.1f}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]")
+        self.steps_per_episode = steps_per_episode
+        self.share, self.current_share, self.steps = 0.5, 0.0, 0
+        self.status = {}
+
+    def start(self, with_updates):
+        self.current_share, self.steps = (self.share if with_updates else 0.0), 0
+
+    def updated(self, done, count):
+        self.bar.update(self.current_share / count)
+        self.bar.set_postfix({**self.status, "update": f"{done}/{count}"})
+
+    def stepped(self, _obs):
+        self.steps += 1
+        if self.steps <= self.steps_per_episode:
+            self.bar.update((1 - self.current_share) / self.steps_per_episode)
+        decisions = self.steps_per_episode - 1
+        self.bar.set_postfix({**self.status, "step": f"{min(self.steps - 1, decisions)}/{decisions}"})
+
+    def finish(self, episodes, status, update_seconds=0.0, episode_seconds=0.0):
+        """An episode ended: the bar at `episodes` exactly, `status` shown until the next ends."""
+        if update_seconds:
+            self.share = update_seconds / (update_seconds + episode_seconds)
+        self.status = status
+        self.bar.n = episodes
+        self.bar.set_postfix(status)
+
+    def close(self):
+        self.bar.close()
 
 
 class Workspace:
@@ -579,22 +624,27 @@ class Workspace:
 
     def train(self):
         config, counters = self.config, self.counters
-        progress = tqdm(total=config.episodes, initial=counters["episodes"], unit="episode",
-                        dynamic_ncols=True)
+        # play_episode shows the reset frame and one after each decision (the last may be short).
+        progress = EpisodeProgress(config.episodes, counters["episodes"],
+                                   -(-config.max_episode_length // config.action_repeat) + 1)
         while counters["episodes"] < config.episodes:
             metrics = {}
             seeding = counters["episodes"] < config.seed_episodes
+            progress.start(with_updates=not seeding)
+            start = time.perf_counter()
             if not seeding:
                 metrics = train_model(self.model, self.optimizer, self.buffer, config, self.device,
-                                      self.batch_noise, counters["updates"], self.loss_fn)
+                                      self.batch_noise, counters["updates"], self.loss_fn, progress.updated)
                 counters["updates"] += config.collect_interval
+            update_seconds = time.perf_counter() - start
             if seeding or config.collect == "random":
                 policy = random_policy(self.env.action_size, self.rng)
             else:
                 policy = planner_policy(self.agent, config.action_noise)
             start = time.perf_counter()
-            episode = play_episode(self.env, policy)
-            metrics["speed/fps"] = self.env.steps / (time.perf_counter() - start)
+            episode = play_episode(self.env, policy, on_frame=progress.stepped)
+            episode_seconds = time.perf_counter() - start
+            metrics["speed/fps"] = self.env.steps / episode_seconds
             save_episode(self.run_dir / "episodes" / "train", counters["episodes"], episode)
             self.buffer.add(episode)
             counters["episodes"] += 1
@@ -614,9 +664,9 @@ class Workspace:
             self.log(metrics)
             if counters["episodes"] % config.checkpoint_interval == 0 or counters["episodes"] == config.episodes:
                 self.save()
-            progress.update(1)
-            progress.set_postfix({name.split("/")[0]: round(metrics[name], 1)
-                                  for name in ("train/return", "test/return") if name in metrics})
+            progress.finish(counters["episodes"], {name.split("/")[0]: round(metrics[name], 1) for name in
+                                                   ("train/return", "test/return") if name in metrics},
+                            0.0 if seeding else update_seconds, episode_seconds)
         progress.close()
 
     def close(self):

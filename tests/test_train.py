@@ -6,7 +6,7 @@ import torch
 
 from conftest import TINY_MODEL, make_episode
 from model import WorldModel
-from train import PRESETS, Config, build_replay, parse_args, update
+from train import PRESETS, Config, EpisodeProgress, build_replay, parse_args, update
 from utils import BatchPrefetcher, ReplayBuffer, write_json
 
 
@@ -187,3 +187,30 @@ def test_loss_options_are_checked(capsys):
         with pytest.raises(SystemExit):
             parse_args(argv)
         assert message in capsys.readouterr().err
+
+
+def test_progress_moves_inside_an_iteration(capsys):
+    """The bar moves with each update (its share of the iteration's time, a half until measured)
+    and each step of the episode, shows which, and ends each episode at its count exactly; a seed
+    episode's steps carry the whole episode."""
+    progress = EpisodeProgress(total=10, done=2, steps_per_episode=5)  # 4 decisions and the reset frame.
+    progress.start(with_updates=True)
+    for done in range(1, 5):
+        progress.updated(done, 4)
+    assert progress.bar.n == pytest.approx(2.5)
+    for _ in range(6):  # A frame past the expected ones moves nothing.
+        progress.stepped(None)
+    assert progress.bar.n == pytest.approx(3.0)
+    progress.finish(3, {"train": 1.0}, update_seconds=3.0, episode_seconds=1.0)
+    assert progress.bar.n == 3 and progress.share == 0.75
+    progress.start(with_updates=True)
+    progress.updated(1, 1)
+    assert progress.bar.n == pytest.approx(3.75)
+    progress.finish(4, {})
+    progress.start(with_updates=False)
+    for _ in range(5):
+        progress.stepped(None)
+    assert progress.bar.n == pytest.approx(5.0)
+    progress.close()
+    err = capsys.readouterr().err
+    assert "update=4/4" in err and "step=4/4" in err and "train=1," in err and "step=5/4" not in err
