@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from agent import Agent, planner_policy, play_episode, play_episodes
-from train import (SPEED_PATHS, Config, build_model, build_replay, compile_loss, test_seeds, train_model,
-                   update)
+from config import SPEED_PATHS, Config
+from train import build_model, build_replay, compile_loss, test_seeds, train_model, update
 from utils import BatchPrefetcher, keep_freed_memory, resolve_device, set_matmul_precision
 from wrappers import make_env, make_parallel_envs
 

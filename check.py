@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import bench
-from train import SPEED_PATHS
+from config import SPEED_PATHS
 from utils import read_jsonl, write_json, write_jsonl
 
 ROOT = Path(__file__).resolve().parent

@@ -41,8 +41,8 @@ import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from train import Config, RESUME_MAY_CHANGE
-from train import parse_args as parse_train_args
+from config import RESUME_MAY_CHANGE, Config
+from config import parse_args as parse_train_args
 from utils import read_jsonl
 from wrappers import PAPER_TASKS, parse_task
 

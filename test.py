@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from agent import Agent, RandomAgent, play_episodes
-from train import load_run, read_config, test_seeds
+from config import read_config
+from train import load_run, test_seeds
 from utils import keep_freed_memory, resolve_device, set_seed_everywhere
 from wrappers import make_parallel_envs
 

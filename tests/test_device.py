@@ -18,7 +18,8 @@ import torch
 from agent import cem_plan, rollout_returns
 from conftest import TINY_FLAGS, TINY_MODEL, make_episode
 from model import WorldModel
-from train import Config, compile_loss, load_run, main as train_main, update
+from config import Config
+from train import compile_loss, load_run, main as train_main, update
 from utils import DeviceReplayBuffer, ReplayBuffer, preprocess_observation, set_matmul_precision
 
 pytestmark = pytest.mark.device

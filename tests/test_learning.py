@@ -17,7 +17,8 @@ import torch
 import conftest  # noqa: F401  Puts the repository on sys.path when this file runs as a script.
 from agent import Agent, play_episode, planner_policy, random_policy
 from model import WorldModel
-from train import Config, update
+from config import Config
+from train import update
 from utils import (BatchPrefetcher, ReplayBuffer, open_loop_errors, preprocess_observation,
                    set_seed_everywhere)
 from wrappers import make_env

@@ -6,7 +6,8 @@ import torch
 
 from conftest import TINY_MODEL, make_episode
 from model import WorldModel
-from train import PRESETS, Config, EpisodeProgress, build_replay, parse_args, update
+from config import PRESETS, Config, parse_args
+from train import EpisodeProgress, build_replay, update
 from utils import BatchPrefetcher, ReplayBuffer, write_json
 
 
