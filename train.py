@@ -584,7 +584,11 @@ class Workspace:
         while counters["episodes"] < config.episodes:
             metrics = {}
             seeding = counters["episodes"] < config.seed_episodes
-            if not seeding:
+            if not seeding and not self.buffer.chunk_count():
+                # Every episode so far ended (terminated) before L steps: nothing to train on yet.
+                logging.warning("no episode in replay holds a chunk of %d steps yet: collecting "
+                                "episode %d before any update", self.buffer.chunk_length, counters["episodes"] + 1)
+            elif not seeding:
                 metrics = train_model(self.model, self.optimizer, self.buffer, config, self.device,
                                       self.batch_noise, counters["updates"], self.loss_fn)
                 counters["updates"] += config.collect_interval
@@ -621,6 +625,7 @@ class Workspace:
 
     def close(self):
         self.writer.close()
+        self.env.close()
         if self.test_envs is not None:
             self.test_envs.close()
             self.test_envs = None
