@@ -266,8 +266,10 @@ def side_stream(device):
 @torch.no_grad()
 def open_loop_frames(model, episode, context=5, length=50, bit_depth=5):
     """Observe the first `context` frames of an episode, then predict up to `length` frames in
-    all open loop from its executed actions. -> ground truth and prediction, uint8 `(T, 3, 64, 64)`."""
+    all open loop from its executed actions. -> ground truth and prediction, uint8 `(T, 3, 64, 64)`.
+    An episode that ended (terminated) within `context` frames is observed up to its last frame."""
     device = next(model.parameters()).device
+    context = min(context, len(episode["reward"]) - 1)
     obs = torch.as_tensor(episode["obs"][:length, None], device=device)
     actions = torch.as_tensor(episode["action"][:length, None], device=device)
     prediction = model.predict_open_loop(preprocess_observation(obs, bit_depth), actions, context)

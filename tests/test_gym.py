@@ -1,6 +1,8 @@
 """Gymnasium envs from pixels (`--task gym:ID`): real envs with real rendering, and tiny registered
 ones (tests/gym_envs.py) where a test must see what the env was given."""
 import io
+import json
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -8,7 +10,8 @@ import pytest
 import torch
 
 from agent import play_episode
-from conftest import make_episode
+from conftest import TINY_FLAGS, make_episode
+from test_commands import run
 from utils import ReplayBuffer, pack_random_state, unpack_random_state
 from wrappers import GYM_ACTION_REPEAT, default_action_repeat, make_env, parse_task
 
@@ -127,3 +130,37 @@ def test_clear_errors(task, message):
     with pytest.raises(ValueError) as error:
         parse_task(task)
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def gym_flags(task, max_episode_length):
+    flags = TINY_FLAGS.copy()
+    flags[flags.index("--task") + 1] = task
+    flags[flags.index("--max-episode-length") + 1] = str(max_episode_length)
+    return flags
+
+
+@pytest.mark.parametrize("task, length", [("gym:Pendulum-v1", 40), ("gym:Hopper-v5", 40),
+                                          ("gym:tests.gym_envs:PlanetTest/Short-v0", 40)])
+def test_commands_end_to_end(tmp_path, task, length):
+    """train.py, --resume, test.py and video_prediction.py on a gym task. Short-v0 terminates at env
+    step 3, before any chunk of 8: the run collects and tests without updates, and does not crash."""
+    run_dir = tmp_path / "run"
+    flags = gym_flags(task, length)
+    flags[flags.index("--episodes") + 1] = "3"
+    run("train.py", *flags, "--run-dir", str(run_dir))
+    result = run("train.py", "--resume", str(run_dir), "--episodes", "4")
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["episodes"] for r in records] == [1, 2, 3, 4]
+    if "Short" in task:
+        assert records[-1]["updates"] == 0 and "no episode in replay holds a chunk" in result.stderr
+        return
+    assert records[-1]["updates"] == 6 and "test/return" in records[-1]
+    out = run("test.py", str(run_dir), "--episodes", "2", "--device", "cpu").stdout
+    assert "mean return" in out
+    video = run("video_prediction.py", str(run_dir), "--context", "2", "--length", "3", "--device", "cpu").stdout
+    assert Path(video.strip()).is_file()
+
+
+def test_train_rejects_a_discrete_gym_env_as_a_usage_error():
+    result = run("train.py", "--task", "gym:CartPole-v1", check=False)
+    assert result.returncode == 2 and "Discrete(2)" in result.stderr and "Traceback" not in result.stderr
