@@ -32,7 +32,8 @@ def option(default, help):
 class Config:
     """Every setting of a run. Defaults are the official code's (paper Appendix A)."""
 
-    task: str = option("cheetah-run", "dm_control task as domain-task, e.g. cartpole-swingup, cup-catch")
+    task: str = option("cheetah-run", "dm_control task as domain-task, e.g. cartpole-swingup, cup-catch; "
+                       "or gym:ID, a Gymnasium env from pixels, e.g. gym:Pendulum-v1")
     seed: int = option(0, "seed of the environments, the models and the replay sampling")
     log_dir: str = option("log", "root of the run directories, <log-dir>/<task>/<timestamp>")
     device: str = option("auto", "auto, cpu, cuda or cuda:N")

@@ -368,9 +368,14 @@ class Workspace:
         while counters["episodes"] < config.episodes:
             metrics = {}
             seeding = counters["episodes"] < config.seed_episodes
-            progress.start(with_updates=not seeding)
+            trains = not seeding and self.buffer.chunk_count() > 0
+            if not seeding and not trains:
+                # Every episode so far ended (terminated) before L steps: nothing to train on yet.
+                logging.warning("no episode in replay holds a chunk of %d steps yet: collecting "
+                                "episode %d before any update", self.buffer.chunk_length, counters["episodes"] + 1)
+            progress.start(with_updates=trains)
             start = time.perf_counter()
-            if not seeding:
+            if trains:
                 metrics = train_model(self.model, self.optimizer, self.buffer, config, self.device,
                                       self.batch_noise, counters["updates"], self.loss_fn, progress.updated)
                 counters["updates"] += config.collect_interval
@@ -404,11 +409,12 @@ class Workspace:
                 self.save()
             progress.finish(counters["episodes"], {name.split("/")[0]: round(metrics[name], 1) for name in
                                                    ("train/return", "test/return") if name in metrics},
-                            0.0 if seeding else update_seconds, episode_seconds)
+                            update_seconds if trains else 0.0, episode_seconds)
         progress.close()
 
     def close(self):
         self.writer.close()
+        self.env.close()
         if self.test_envs is not None:
             self.test_envs.close()
             self.test_envs = None

@@ -115,6 +115,10 @@ class ReplayBuffer:
         lengths = np.array([len(episode["reward"]) for episode in self.episodes])
         self._starts = np.maximum(lengths - self.chunk_length + 1, 0)
 
+    def chunk_count(self):
+        """How many distinct chunks the buffer holds: 0 while every episode is shorter than `L`."""
+        return int(self._starts.sum())
+
     def chunk_starts(self, batch_size):
         """Draw `B` chunks: -> their episodes' positions in `self.episodes` and their offsets, `(B,)`."""
         cumulative = np.cumsum(self._starts)
@@ -262,8 +266,10 @@ def side_stream(device):
 @torch.no_grad()
 def open_loop_frames(model, episode, context=5, length=50, bit_depth=5):
     """Observe the first `context` frames of an episode, then predict up to `length` frames in
-    all open loop from its executed actions. -> ground truth and prediction, uint8 `(T, 3, 64, 64)`."""
+    all open loop from its executed actions. -> ground truth and prediction, uint8 `(T, 3, 64, 64)`.
+    An episode that ended (terminated) within `context` frames is observed up to its last frame."""
     device = next(model.parameters()).device
+    context = min(context, len(episode["reward"]) - 1)
     obs = torch.as_tensor(episode["obs"][:length, None], device=device)
     actions = torch.as_tensor(episode["action"][:length, None], device=device)
     prediction = model.predict_open_loop(preprocess_observation(obs, bit_depth), actions, context)
@@ -284,6 +290,7 @@ def open_loop_errors(model, episodes, horizon=12, stride=4, bit_depth=5, reward_
     `image_mse_open_loop`: per pixel, the decoded open-loop mean against the preprocessed frame;
     `image_mse_constant`: per pixel, always predicting the mean of those frames (their variance),
     the level a model that has learnt the background but not the motion reaches;
+    (none of them when every episode is too short for `horizon` steps ahead);
     with state heads, per dimension of each part of the proprioceptive state:
     `state_<key>_mse_open_loop`, `state_<key>_mse_filtered` (posterior) and `state_<key>_mse_constant`.
     The reward model's target at step t is `reward[t + reward_offset]`: 1 when it predicts the
@@ -302,6 +309,8 @@ def open_loop_errors(model, episodes, horizon=12, stride=4, bit_depth=5, reward_
         squares[name] = (first + target.sum(0), second + target.square().sum(0))
 
     for episode in episodes:
+        if len(episode["reward"]) <= horizon + reward_offset:  # Ended (terminated) too early to predict.
+            continue
         obs = preprocess_observation(torch.as_tensor(episode["obs"][:, None], device=device), bit_depth)
         actions = torch.as_tensor(episode["action"][:, None], device=device)
         rewards = torch.as_tensor(episode["reward"], device=device)
@@ -385,12 +394,17 @@ def set_seed_everywhere(seed):
 
 
 def pack_random_state(state):
-    """A numpy `RandomState.get_state()` tuple in a form `torch.load(weights_only=True)` accepts."""
+    """A numpy `RandomState.get_state()` tuple in a form `torch.load(weights_only=True)` accepts. A
+    `Generator`'s `bit_generator.state` (a dict of ints and strings) passes as it is."""
+    if isinstance(state, dict):
+        return state
     name, keys, position, has_gauss, cached_gaussian = state
     return (name, keys.tolist(), position, has_gauss, cached_gaussian)
 
 
 def unpack_random_state(state):
+    if isinstance(state, dict):
+        return state
     name, keys, position, has_gauss, cached_gaussian = state
     return (name, np.array(keys, dtype=np.uint32), position, has_gauss, cached_gaussian)
 

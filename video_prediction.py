@@ -95,6 +95,7 @@ def main(argv=None):
                        min(config.max_episode_length, total * config.action_repeat))
         agent = Agent(model, config.planner, config.bit_depth, plan=config.plan(device))
         episode = play_episode(env, planner_policy(agent))
+        env.close()
     if len(episode["reward"]) < total:
         sys.exit(f"error: the episode has {len(episode['reward'])} frames, fewer than "
                  f"--context + --length = {total}")
