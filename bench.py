@@ -10,6 +10,7 @@ box end to end instead (check.py).
 """
 import argparse
 import contextlib
+import copy
 import dataclasses
 import json
 import logging
@@ -113,6 +114,37 @@ def bench_plan(config, model, device, repeats, warmup):
     plan = config.plan(device)
     return summary(timed(lambda: plan(model.rssm, model.reward_model, belief, state, **config.planner),
                          device, repeats, warmup))
+
+
+def project_run(config, model, env, episodes_left, device):
+    """How long the rest of a run takes at `config`, from one update and one planning call timed
+    now (each after a warm-up call) on a copy of the model, on random frames, with torch's random
+    state restored after: the run itself is untouched. A trained episode is C updates and a CEM
+    call per decision; each test, one batched call per decision for its parallel episodes, counted
+    as that many single calls. -> (seconds per trained episode, seconds in all, the parts)."""
+    model = copy.deepcopy(model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, eps=config.adam_epsilon)
+    decisions = -(-config.max_episode_length // config.action_repeat)
+    rng = np.random.default_rng(0)
+    length = config.chunk_length + 1  # Enough for either reward alignment.
+    episode = {"obs": rng.integers(0, 256, (length, 3, 64, 64), dtype=np.uint8),
+               "action": rng.uniform(-1, 1, (length, env.action_size)).astype(np.float32),
+               "reward": rng.uniform(0, 1, length).astype(np.float32),
+               **{f"state_{key}": rng.normal(size=(length, size)).astype(np.float32)
+                  for key, size in env.state_sizes.items()}}
+    buffer = build_replay(config, device, env.state_sizes)
+    buffer.add(episode)
+    with torch.random.fork_rng(devices=[]):  # The batch's noise, the updates' and CEM's draws.
+        batch = BatchPrefetcher(buffer, config.batch_size, 1, device, config.bit_depth).batch()
+        model.train()
+        update_seconds = timed(lambda: update(model, optimizer, batch, config, config.warmup_updates),
+                               device, repeats=1)[0] / 1000
+        model.eval()
+        plan_seconds = bench_plan(config, model, device, repeats=1, warmup=1)["median"] / 1000
+    per_episode = config.collect_interval * update_seconds + decisions * plan_seconds
+    tests = episodes_left // config.test_interval + 1
+    total = episodes_left * per_episode + tests * config.test_episodes * decisions * plan_seconds
+    return per_episode, total, {"update": update_seconds, "plan": plan_seconds, "decisions": decisions}
 
 
 def bench_env(task, steps):

@@ -33,6 +33,7 @@ CHECKPOINT = "checkpoint.pt"
 TEST_SEED_OFFSET = 10_000  # Tags the stream of test-episode seeds, apart from training's.
 BATCH_NOISE_TAG = 20_000  # Tags the seed of the batches' dequantisation noise.
 CUDA_RESEED_TAG = 30_000  # Tags the seed of the CUDA generators when a CPU checkpoint resumes on CUDA.
+DAY = 24 * 3600  # Seconds: a projected run longer than this on a CPU is worth a warning.
 
 
 def build_model(config, action_size, state_sizes=None):
@@ -426,6 +427,26 @@ class Workspace:
         append_jsonl(self.run_dir / "metrics.jsonl", {**self.counters, **metrics})
 
 
+def warn_if_days(workspace):
+    """On a CPU, say once, before training, when the settings given will take more than a day: the
+    paper's take weeks there. The settings stay as they are."""
+    from bench import project_run  # bench.py imports this module.
+    config, counters = workspace.config, workspace.counters
+    episodes_left = config.episodes - max(counters["episodes"], config.seed_episodes)
+    if episodes_left <= 0:
+        return
+    per_episode, total, parts = project_run(config, workspace.model, workspace.env, episodes_left,
+                                            workspace.device)
+    if total > DAY:
+        logging.warning(
+            "on this CPU one episode will take about %.0f min (%d updates of %.1f s and %d planning "
+            "calls of %.2f s, timed just now) and the %d episodes left about %.1f days, tests included. "
+            "A GPU takes hours; on a CPU, --preset small learns cartpole-swingup in about 3 hours on 2 cores "
+            "(README, Learning on a CPU). Training goes on with the settings given.",
+            per_episode / 60, config.collect_interval, parts["update"], parts["decisions"], parts["plan"],
+            episodes_left, total / DAY)
+
+
 def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)  # absl set one.
     keep_freed_memory()
@@ -442,6 +463,8 @@ def main(argv=None):
         workspace.close()
         return
     logging.info("run directory: %s (device %s)", run_dir, workspace.device)
+    if workspace.device.type == "cpu":
+        warn_if_days(workspace)
     try:
         workspace.train()
     except (FloatingPointError, OSError) as error:

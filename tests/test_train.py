@@ -5,9 +5,11 @@ import pytest
 import torch
 
 from conftest import TINY_MODEL, make_episode
+
+TINY_ARGS = [arg for name, value in TINY_MODEL.items() for arg in ("--" + name.replace("_", "-"), str(value))]
 from model import WorldModel
 from config import PRESETS, Config, parse_args
-from train import EpisodeProgress, build_replay, update
+from train import EpisodeProgress, Workspace, build_replay, update, warn_if_days
 from utils import BatchPrefetcher, ReplayBuffer, write_json
 
 
@@ -215,3 +217,27 @@ def test_progress_moves_inside_an_iteration(capsys):
     progress.close()
     err = capsys.readouterr().err
     assert "update=4/4" in err and "step=4/4" in err and "train=1," in err and "step=5/4" not in err
+
+
+@pytest.mark.parametrize("episodes", [10, 10_000_000])
+def test_a_cpu_run_of_days_is_announced_and_left_as_given(episodes, tmp_path, caplog):
+    """Before training on a CPU: a projection from one update and one planning call timed on a copy
+    of the model, a warning when it comes to more than a day, with the suggestion of the small
+    preset; the model, torch's random state and the config stay as they were."""
+    config, _, _ = parse_args(["--task", "cartpole-swingup", "--episodes", str(episodes), "--device", "cpu",
+                               "--run-dir", str(tmp_path / "run")] + TINY_ARGS)
+    (tmp_path / "run").mkdir()
+    workspace = Workspace(config, tmp_path / "run")
+    weights = {name: value.clone() for name, value in workspace.model.state_dict().items()}
+    random_state = torch.random.get_rng_state()
+    with caplog.at_level("WARNING"):
+        warn_if_days(workspace)
+    workspace.close()
+    warned = "days, tests included" in caplog.text and "--preset small" in caplog.text
+    assert warned == (episodes > 10)
+    if warned:
+        assert "125 planning calls" in caplog.text and f"the {episodes - 5} episodes left" in caplog.text
+    assert torch.equal(torch.random.get_rng_state(), random_state)
+    for name, value in workspace.model.state_dict().items():
+        assert torch.equal(value, weights[name]), name
+    assert workspace.config == config
