@@ -3,12 +3,14 @@
 Plays noise-free episodes with the CEM planner, using the run's config and latest checkpoint.
 Up to `--parallel` episodes run together: one env per worker process, and one batched CEM call
 for all of their beliefs at every step. `--random` plays uniform random actions on the same
-episodes instead: the baseline that the planner's returns are compared with.
+episodes instead: the baseline that the planner's returns are compared with. `--video` writes
+them as an MP4 (or a GIF with `--gif`), the episodes played at once side by side.
 """
 import argparse
 import contextlib
 import logging
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,6 +19,7 @@ from agent import Agent, RandomAgent, play_episodes
 from config import read_config
 from train import load_run, test_seeds
 from utils import keep_freed_memory, resolve_device, set_seed_everywhere
+from video import episode_mosaic, write_gif, write_video
 from wrappers import make_parallel_envs
 
 
@@ -32,10 +35,17 @@ def main(argv=None):
     parser.add_argument("--random", action="store_true",
                         help="uniform random actions instead of the planner, on the same episodes")
     parser.add_argument("--render", action="store_true", help="show the episodes in a window")
+    parser.add_argument("--video", action="store_true",
+                        help="write the episodes as an MP4, those played at once side by side")
+    parser.add_argument("--gif", action="store_true", help="with --video: an animated GIF instead")
+    parser.add_argument("--out", default=None,
+                        help="with --video: its path (default: RUN_DIR/test_episodes.mp4, or .gif)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     args = parser.parse_args(argv)
     if args.episodes < 1 or args.parallel < 1:
         parser.error("--episodes and --parallel must be at least 1")
+    if (args.gif or args.out) and not args.video:
+        parser.error("--gif and --out go with --video")
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)  # absl set one.
     keep_freed_memory()
     try:
@@ -63,7 +73,7 @@ def main(argv=None):
                      config.task, checkpoint["counters"]["episodes"], checkpoint["counters"]["env_steps"],
                      args.episodes, seed)
     parallel = min(args.parallel, args.episodes)
-    returns = []
+    returns, video = [], []
     with contextlib.closing(make_parallel_envs(config.task, parallel, config.action_repeat,
                                                config.max_episode_length)) as envs:
         if args.random:
@@ -76,7 +86,14 @@ def main(argv=None):
             for episode in episodes[:args.episodes - first]:
                 returns.append(float(episode["reward"].sum()))
                 print(f"episode {len(returns)}: return {returns[-1]:.1f}", flush=True)
+            if args.video:  # Each round's episodes in a row, the rounds one after the other.
+                video += episode_mosaic([episode["obs"] for episode in episodes[:args.episodes - first]],
+                                        tiles=parallel)
     print(f"mean return {np.mean(returns):.1f} +- {np.std(returns):.1f} over {len(returns)} episodes")
+    if args.video:
+        out = Path(args.out or Path(args.run_dir) / f"test_episodes.{'gif' if args.gif else 'mp4'}")
+        (write_gif if args.gif else write_video)(out, video)
+        print(out)
 
 
 if __name__ == "__main__":

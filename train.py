@@ -27,12 +27,14 @@ from utils import (REPLAY_KEYS, BatchPrefetcher, DeviceReplayBuffer, ReplayBuffe
                    outgoing_reward_chunks, pack_random_state, read_jsonl, resolve_device, save_episode,
                    set_global_rng_state, set_matmul_precision, set_seed_everywhere, unpack_random_state,
                    write_json, write_jsonl)
+from video import add_gif, episode_mosaic
 from wrappers import make_env, make_parallel_envs
 
 CHECKPOINT = "checkpoint.pt"
 TEST_SEED_OFFSET = 10_000  # Tags the stream of test-episode seeds, apart from training's.
 BATCH_NOISE_TAG = 20_000  # Tags the seed of the batches' dequantisation noise.
 CUDA_RESEED_TAG = 30_000  # Tags the seed of the CUDA generators when a CPU checkpoint resumes on CUDA.
+VIDEO_FRAMES = 100  # Of the first test episode, logged to TensorBoard as a GIF at each test.
 DAY = 24 * 3600  # Seconds: a projected run longer than this on a CPU is worth a warning.
 
 
@@ -184,7 +186,8 @@ def test_seeds(seed, first_index, count):
 def test(model, envs, config, first_index, run_dir):
     """Noise-free planner episodes in the parallel `envs`, one each, saved from `first_index` on.
     Returns the metrics (returns and the model's open-loop errors, see `open_loop_errors`) and a
-    strip of ground truth (top) over open-loop prediction (bottom) for the first episode."""
+    strip of ground truth (top) over open-loop prediction (bottom) for the first episode, whose
+    first `VIDEO_FRAMES` frames it also returns `(T, 3, 64, 64)`."""
     agent = Agent(model, config.planner, config.bit_depth, batch_size=envs.num_envs,
                   plan=config.plan(next(model.parameters()).device))
     episodes = play_episodes(envs, agent, test_seeds(config.seed, first_index, envs.num_envs))
@@ -200,7 +203,7 @@ def test(model, envs, config, first_index, run_dir):
                                          bit_depth=config.bit_depth)
     strip = np.concatenate([np.concatenate(list(frames[::5]), axis=2) for frames in (truth, prediction)],
                            axis=1)
-    return metrics, strip
+    return metrics, strip, episodes[0]["obs"][:VIDEO_FRAMES]
 
 
 def make_run_dir(config):
@@ -400,11 +403,12 @@ class Workspace:
                 if self.test_envs is None:
                     self.test_envs = make_parallel_envs(config.task, config.test_episodes, config.action_repeat,
                                                         config.max_episode_length)
-                test_metrics, strip = test(self.model, self.test_envs, config, counters["test_episodes"],
+                test_metrics, strip, frames = test(self.model, self.test_envs, config, counters["test_episodes"],
                                            self.run_dir)
                 counters["test_episodes"] += config.test_episodes
                 metrics.update(test_metrics)
                 self.writer.add_image("test/open_loop_prediction", strip, counters["env_steps"])
+                add_gif(self.writer, "test/episode", episode_mosaic([frames], scale=1), counters["env_steps"])
             self.log(metrics)
             if counters["episodes"] % config.checkpoint_interval == 0 or counters["episodes"] == config.episodes:
                 self.save()

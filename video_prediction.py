@@ -12,12 +12,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from PIL import Image
 
 from agent import Agent, planner_policy, play_episode
 from train import load_run, test_seeds
 from utils import (keep_freed_memory, load_episode, open_loop_frames, resolve_device,
                    set_seed_everywhere)
+from video import write_gif, write_video
 from wrappers import make_env
 
 SCALE = 4  # Each 64x64 frame is shown at 256x256.
@@ -38,26 +38,6 @@ def video_frames(truth, prediction, context):
         mode = "observed" if t < context else "open loop"
         yield np.concatenate([panel(truth[t], f"truth t={t}"), panel(prediction[t], mode),
                               panel(difference[t], "difference")], axis=1)
-
-
-def write_video(path, frames, fps=10):
-    """BGR images of one size -> MP4."""
-    frames = list(frames)
-    height, width = frames[0].shape[:2]
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
-    if not writer.isOpened():
-        raise RuntimeError(f"OpenCV cannot write {path}")
-    for frame in frames:
-        writer.write(frame)
-    writer.release()
-
-
-def write_gif(path, frames, fps=10):
-    """BGR images -> looping animated GIF at half the video's size, small enough for a README."""
-    # Without dithering: it would make the file several times larger.
-    images = [Image.fromarray(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)).reduce(2)
-              .quantize(64, dither=Image.Dither.NONE) for frame in frames]
-    images[0].save(path, save_all=True, append_images=images[1:], duration=1000 // fps, loop=0)
 
 
 def main(argv=None):

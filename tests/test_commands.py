@@ -1,6 +1,7 @@
 """The three commands end to end, as a user runs them: subprocesses, the real env, files on disk.
 Where a test must see what a command played or drew, it runs the command's `main` in this process."""
 import functools
+import io
 import json
 import logging
 import os
@@ -126,8 +127,18 @@ def test_train_logs_tensorboard(run_dir):
     for name in DIAGNOSTICS:  # The test's values, at its step.
         expected = [(800, pytest.approx(test_line[name], rel=1e-6))]
         assert [(e.step, e.value) for e in events.Scalars(name)] == expected
-    assert events.Tags()["images"] == ["test/open_loop_prediction"]
+    assert sorted(events.Tags()["images"]) == ["test/episode", "test/open_loop_prediction"]
     assert any("hyperparameters" in tag for tag in events.Tags()["tensors"])
+    # The first test episode as an animated GIF: its frames, up to the GIF's 64 colours.
+    (gif,) = events.Images("test/episode")
+    assert gif.step == 800 and gif.encoded_image_string.startswith(b"GIF89a")
+    image = Image.open(io.BytesIO(gif.encoded_image_string))
+    stored = load_episode(episode_paths(run_dir / "episodes" / "test")[0])["obs"]
+    assert image.n_frames == len(stored) and image.size == (64, 64)
+    for t in (0, len(stored) - 1):
+        image.seek(t)
+        frame = np.asarray(image.convert("RGB")).transpose(2, 0, 1).astype(int)
+        assert np.abs(frame - stored[t]).mean() < 4
 
 
 def test_test_command_plays_episodes(run_dir):
@@ -138,6 +149,33 @@ def test_test_command_plays_episodes(run_dir):
     mean, std = (float(x) for x in lines[2].split()[2:5:2])
     assert lines[2].startswith("mean return") and lines[2].endswith("over 2 episodes")
     assert mean == pytest.approx(np.mean(returns), abs=0.1) and std == pytest.approx(np.std(returns), abs=0.1)
+
+
+@pytest.mark.parametrize("kind", ["mp4", "gif"])
+def test_test_command_writes_the_episodes_as_a_video(run_dir, tmp_path, kind):
+    """`--video`: 3 episodes, 2 at a time: the first round's two side by side, then the third beside
+    a black tile, each frame enlarged twice (half that in a GIF)."""
+    out = tmp_path / f"episodes.{kind}"
+    args = ["--episodes", "3", "--parallel", "2", "--device", "cpu", "--video", "--out", str(out)]
+    result = run("test.py", str(run_dir), *args, *(["--gif"] if kind == "gif" else []))
+    assert result.stdout.strip().splitlines()[-1] == str(out)
+    frames = 200 // 8 + 1  # Every episode of the tiny run: the reset frame and 25 decisions.
+    if kind == "gif":
+        image = Image.open(out)
+        assert image.n_frames == 2 * frames and image.size == (2 * 64, 64)
+        image.seek(frames)
+        assert not np.asarray(image.convert("RGB"))[:, 64:].any()  # The second round's empty tile.
+    else:
+        video = cv2.VideoCapture(str(out))
+        sizes = []
+        while True:
+            ok, frame = video.read()
+            if not ok:
+                break
+            sizes.append(frame.shape[:2])
+        assert sizes == [(128, 256)] * (2 * frames)
+    refused = run("test.py", str(run_dir), "--gif", check=False)
+    assert_clean_error(refused, "--gif and --out go with --video")
 
 
 def test_test_command_plays_random_actions_on_the_same_episodes(run_dir, tmp_path, monkeypatch, capsys):
@@ -337,7 +375,8 @@ def test_each_model_variant_trains_resumes_tests_and_predicts(variant, tmp_path)
     files = {path: path.stat() for path in episode_paths(run_dir / "episodes" / "train")}
     metrics_so_far = (run_dir / "metrics.jsonl").read_text()
     saved = torch.load(run_dir / "checkpoint.pt", weights_only=True)
-    saved["model"]["reward_model.net.0.bias"] += 1.0
+    marked = [name for name in saved["model"] if name.startswith("reward_model.net.")][-1]  # Output bias.
+    saved["model"][marked] += 1.0
     torch.save(saved, run_dir / "checkpoint.pt")
     run("train.py", "--resume", str(run_dir), "--episodes", "4")
     assert (run_dir / "metrics.jsonl").read_text().startswith(metrics_so_far)
@@ -366,8 +405,7 @@ def test_each_model_variant_trains_resumes_tests_and_predicts(variant, tmp_path)
     assert checkpoint["config"]["reward_alignment"] == ("outgoing" if camera_ready else "incoming")
     # It went on from the checkpoint's weights and Adam: 3 more updates at the warm-up's learning
     # rate (at most 2.5e-5) moved the marked bias by far less than 1e-3.
-    torch.testing.assert_close(checkpoint["model"]["reward_model.net.0.bias"],
-                               saved["model"]["reward_model.net.0.bias"], rtol=0, atol=1e-3)
+    torch.testing.assert_close(checkpoint["model"][marked], saved["model"][marked], rtol=0, atol=1e-3)
     assert {int(state["step"]) for state in checkpoint["optimizer"]["state"].values()} == {6}
     assert ("rssm.gru.weight_hh" in checkpoint["model"]) == (variant == "gru")
     assert ("rssm.gru.gates.weight" in checkpoint["model"]) == camera_ready
