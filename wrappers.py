@@ -112,14 +112,32 @@ def default_action_repeat(task):
     return GYM_ACTION_REPEAT if domain == "gym" else ACTION_REPEAT.get(domain, DEFAULT_ACTION_REPEAT)
 
 
-class DMCEnv(gym.Env):
+class PixelEnv(gym.Env):
+    """What every env of a task shares: `(3, size, size)` uint8 frames from `_observation()`, the
+    planner's actions in [-1, 1] (`action_space`), and the count of env steps in the episode."""
+
+    metadata = {"render_modes": ["rgb_array"]}
+    _steps = 0
+
+    @property
+    def steps(self):
+        """Environment (physics control) steps taken in the current episode."""
+        return self._steps
+
+    @property
+    def action_size(self):
+        return self.action_space.shape[0]
+
+    def render(self):
+        return self._observation().transpose(1, 2, 0)
+
+
+class DMCEnv(PixelEnv):
     """A dm_control task seen from 64x64 pixels, with `action_repeat` physics steps per decision.
 
     Rewards are summed over the repeated steps, and repeating stops at the episode's last step.
     An episode lasts at most `max_episode_length` environment (physics control) steps.
     """
-
-    metadata = {"render_modes": ["rgb_array"]}
 
     def __init__(self, task, seed=0, action_repeat=None, max_episode_length=1000, size=64):
         domain, task_name = parse_task(task)
@@ -138,15 +156,6 @@ class DMCEnv(gym.Env):
         # The proprioceptive observation, in dm_control's key order, each flattened.
         self.state_sizes = {key: int(np.prod(spec.shape)) for key, spec in self._env.observation_spec().items()}
         self._steps = 0
-
-    @property
-    def steps(self):
-        """Environment (physics control) steps taken in the current episode."""
-        return self._steps
-
-    @property
-    def action_size(self):
-        return self.action_space.shape[0]
 
     def _observation(self):
         """Render once, `(3, size, size)` uint8."""
@@ -191,15 +200,12 @@ class DMCEnv(gym.Env):
     def set_rng_state(self, state):
         self._env.task.random.set_state(state)
 
-    def render(self):
-        return self._observation().transpose(1, 2, 0)
-
     def close(self):
         self._camera = None  # Before the physics whose render context it uses.
         self._env.close()
 
 
-class GymEnv(gym.Env):
+class GymEnv(PixelEnv):
     """A Gymnasium env (`gym:ID`) seen from 64x64 pixels, with the interface of `DMCEnv`.
 
     The planner's actions in [-1, 1] are scaled linearly to the env's action bounds. Each decision
@@ -209,8 +215,6 @@ class GymEnv(gym.Env):
     INTER_AREA. `info["state"]` is the env's own observation vector when it is a flat Box.
     The env's generator is seeded at the first reset with `seed`, or by `reset(seed=...)`.
     """
-
-    metadata = {"render_modes": ["rgb_array"]}
 
     def __init__(self, task, seed=0, action_repeat=None, max_episode_length=1000, size=64):
         self.task = task
@@ -227,15 +231,6 @@ class GymEnv(gym.Env):
         self.state_sizes = {"observation": observation.shape[0]} if flat else {}
         self._seed = seed  # For the first reset, unless a generator state is set first.
         self._steps = 0
-
-    @property
-    def steps(self):
-        """Environment steps taken in the current episode."""
-        return self._steps
-
-    @property
-    def action_size(self):
-        return self.action_space.shape[0]
 
     def _observation(self):
         """Render once, `(3, size, size)` uint8."""
@@ -283,9 +278,6 @@ class GymEnv(gym.Env):
         generator.bit_generator.state = state
         self._env.unwrapped.np_random = generator
         self._seed = None  # The next reset continues this stream.
-
-    def render(self):
-        return self._observation().transpose(1, 2, 0)
 
     def close(self):
         self._env.close()
