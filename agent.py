@@ -134,7 +134,8 @@ class Agent:
 
     @torch.no_grad()
     def observe(self, obs, action):
-        """obs uint8 `(B, 3, 64, 64)`, action `(B, A)`: the posterior step of the filter."""
+        """obs uint8 `(B, 3, 64, 64)` (or float `(B, obs_size)` from states), action `(B, A)`: the
+        posterior step of the filter."""
         obs = preprocess_observation(torch.as_tensor(obs, device=self.device), self.bit_depth)
         action = torch.as_tensor(action, dtype=torch.float32, device=self.device)
         self.belief, _, posterior = self.model.rssm.obs_step(
@@ -153,11 +154,13 @@ class Agent:
 STATE_PREFIX = "state_"  # Episode keys of the proprioceptive observation, e.g. `state_position`.
 
 
-def _record(episode, obs, action, reward, state):
+def _record(episode, obs, action, reward, info):
     """Append one step to `episode` (lists by key): the observation, the action that led to it, its
-    reward and the env's proprioceptive state (`info["state"]`, `{}` when the env has none)."""
+    reward, the env's proprioceptive state (`info["state"]`, `{}` when the env has none) and, from
+    states with frames, the frame rendered beside it (`info["frame"]`)."""
     steps = {"obs": obs, "action": action, "reward": reward,
-             **{STATE_PREFIX + key: value for key, value in state.items()}}
+             **{STATE_PREFIX + key: value for key, value in info.get("state", {}).items()},
+             **({"frame": info["frame"]} if "frame" in info else {})}
     for key, value in steps.items():
         episode.setdefault(key, []).append(value)
 
@@ -167,25 +170,35 @@ def _as_arrays(episode):
             for key, value in episode.items()}
 
 
+def episode_frames(episode):
+    """An episode's `(T, 3, 64, 64)` uint8 images: its observations from pixels, else the frames
+    rendered beside its states, or None when its env was not asked for them."""
+    if "frame" in episode:
+        return episode["frame"]
+    return episode["obs"] if episode["obs"].dtype == np.uint8 else None
+
+
 def play_episode(env, policy, on_frame=None):
     """Run one episode. `policy(obs, previous_action) -> action` sees the newest observation and the
     executed action that led to it. Returns the episode as arrays of length T + 1 with
     `action[t]` the action that led to `obs[t]` and `reward[t]` its reward (zeros at reset), and
-    the proprioceptive state of each step as `state_<key>` (which the policy does not see)."""
+    the proprioceptive state of each step as `state_<key>` (which the policy does not see), and
+    from states with frames, the frames as `frame`. `on_frame` sees each observation, or the frame
+    beside it."""
     obs, info = env.reset()
     action = np.zeros(env.action_space.shape, dtype=np.float32)
     episode = {}
-    _record(episode, obs, action, 0.0, info.get("state", {}))
+    _record(episode, obs, action, 0.0, info)
     done = False
     while not done:
         if on_frame is not None:
-            on_frame(obs)
+            on_frame(info.get("frame", obs))
         action = np.clip(policy(obs, action), -1, 1).astype(np.float32)
         obs, reward, terminated, truncated, info = env.step(action)
         done = terminated or truncated
-        _record(episode, obs, action, reward, info.get("state", {}))
+        _record(episode, obs, action, reward, info)
     if on_frame is not None:
-        on_frame(obs)
+        on_frame(info.get("frame", obs))
     return _as_arrays(episode)
 
 
@@ -204,7 +217,7 @@ def play_episodes(envs, agent, seeds, on_frames=None):
     """One noise-free planner episode in each of N parallel envs, seeded with `seeds`: the agent
     (batch size N) plans for all N in one batched call per step. Returns N episodes as
     `play_episode` does; an env that finishes first keeps stepping, and its extra steps are dropped.
-    `on_frames(obs)` sees every `(N, 3, 64, 64)` observation."""
+    `on_frames` sees every `(N, 3, 64, 64)` observation, or from states the frames beside them."""
     obs, info = envs.reset(seed=list(seeds))
     action = np.zeros(envs.action_space.shape, dtype=np.float32)
     reward = np.zeros(len(obs), dtype=np.float32)
@@ -213,7 +226,11 @@ def play_episodes(envs, agent, seeds, on_frames=None):
     def record(i):
         # A vector env's info holds each key for all envs, and a mask `_key` of those that set it.
         state = {key: value[i] for key, value in info.get("state", {}).items() if not key.startswith("_")}
-        _record(episodes[i], obs[i], action[i], reward[i], state)
+        _record(episodes[i], obs[i], action[i], reward[i],
+                {"state": state, **({"frame": info["frame"][i]} if "frame" in info else {})})
+
+    def frames():
+        return np.stack(info["frame"]) if "frame" in info else obs
 
     for i in range(len(episodes)):
         record(i)
@@ -221,7 +238,7 @@ def play_episodes(envs, agent, seeds, on_frames=None):
     agent.reset()
     while running.any():
         if on_frames is not None:
-            on_frames(obs)
+            on_frames(frames())
         agent.observe(obs, action)
         action = agent.act()
         obs, reward, terminated, truncated, info = envs.step(action)
@@ -229,7 +246,7 @@ def play_episodes(envs, agent, seeds, on_frames=None):
             record(i)
         running &= ~(terminated | truncated)
     if on_frames is not None:
-        on_frames(obs)
+        on_frames(frames())
     return [_as_arrays(episode) for episode in episodes]
 
 

@@ -1,5 +1,8 @@
 """Measure PlaNet's hot paths at the paper's sizes: `python bench.py [--device cuda] [--json FILE]`.
 
+On cheetah-run from pixels by default; `--task` and `--obs` measure another task, e.g.
+`--task gym:Pendulum-v1 --obs state`.
+
 Every figure is warm (after warm-up runs) and the median of repeated runs, printed with the
 number of runs and their spread (min-max). `--quick` is a seconds-long smoke run: tiny models,
 batches and planner (`QUICK`), few repeats and a short training iteration; its figures are not
@@ -25,14 +28,14 @@ import torch
 
 from agent import Agent, planner_policy, play_episode, play_episodes
 from config import SPEED_PATHS, Config
-from train import build_model, build_replay, compile_loss, test_seeds, train_model, update
+from train import build_env, build_model, build_replay, compile_loss, test_seeds, train_model, update
 from utils import BatchPrefetcher, keep_freed_memory, resolve_device, set_matmul_precision
-from wrappers import make_env, make_parallel_envs
+from wrappers import OBSERVATIONS, check_task, default_action_repeat, make_env, make_parallel_envs
 
 ENV_TASKS = ("cheetah-run", "cartpole-swingup")
 QUICK = {"batch_size": 4, "chunk_length": 8, "candidates": 16, "top_candidates": 4, "iterations": 2,
          "horizon": 3, "belief_size": 16, "state_size": 4, "hidden_size": 16, "reward_hidden_size": 16,
-         "cnn_depth": 4}
+         "cnn_depth": 4, "embed_size": 16}
 FIGURES = ("update", "plan", "env", "iteration", "test")
 
 
@@ -59,14 +62,23 @@ def summary(times):
     return {"median": statistics.median(times), "min": min(times), "max": max(times), "runs": len(times)}
 
 
-def filled_buffer(config, action_size, episodes, rng, device):
-    """A replay buffer of random cheetah-length episodes (random, not zeros: zeros can run faster)."""
-    buffer = build_replay(config, device)
-    length = config.max_episode_length // config.action_repeat
+def random_episode(env, length, rng):
+    """An episode of `length` steps of random numbers shaped as `env`'s (random, not zeros: zeros
+    can run faster): frames or observation vectors, actions, rewards and proprioceptive states."""
+    space = env.observation_space
+    obs = (rng.integers(0, 256, (length, *space.shape), dtype=np.uint8) if space.dtype == np.uint8 else
+           rng.normal(size=(length, *space.shape)).astype(np.float32))
+    return {"obs": obs, "action": rng.uniform(-1, 1, (length, env.action_size)).astype(np.float32),
+            "reward": rng.uniform(0, 1, length).astype(np.float32),
+            **{f"state_{key}": rng.normal(size=(length, size)).astype(np.float32)
+               for key, size in env.state_sizes.items()}}
+
+
+def filled_buffer(config, env, episodes, rng, device):
+    """A replay buffer of random episodes of the config's length."""
+    buffer = build_replay(config, device, env.state_sizes)
     for _ in range(episodes):
-        buffer.add({"obs": rng.integers(0, 256, (length + 1, 3, 64, 64), dtype=np.uint8),
-                    "action": rng.uniform(-1, 1, (length + 1, action_size)).astype(np.float32),
-                    "reward": rng.uniform(0, 1, length + 1).astype(np.float32)})
+        buffer.add(random_episode(env, config.max_episode_length // config.action_repeat + 1, rng))
     return buffer
 
 
@@ -118,22 +130,15 @@ def bench_plan(config, model, device, repeats, warmup):
 
 def project_run(config, model, env, episodes_left, device):
     """How long the rest of a run takes at `config`, from one update and one planning call timed
-    now (each after a warm-up call) on a copy of the model, on random frames, with torch's random
-    state restored after: the run itself is untouched. A trained episode is C updates and a CEM
+    now (each after a warm-up call) on a copy of the model, on random observations, with torch's
+    random state restored after: the run itself is untouched. A trained episode is C updates and a CEM
     call per decision; each test, one batched call per decision for its parallel episodes, counted
     as that many single calls. -> (seconds per trained episode, seconds in all, the parts)."""
     model = copy.deepcopy(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, eps=config.adam_epsilon)
     decisions = -(-config.max_episode_length // config.action_repeat)
-    rng = np.random.default_rng(0)
-    length = config.chunk_length + 1  # Enough for either reward alignment.
-    episode = {"obs": rng.integers(0, 256, (length, 3, 64, 64), dtype=np.uint8),
-               "action": rng.uniform(-1, 1, (length, env.action_size)).astype(np.float32),
-               "reward": rng.uniform(0, 1, length).astype(np.float32),
-               **{f"state_{key}": rng.normal(size=(length, size)).astype(np.float32)
-                  for key, size in env.state_sizes.items()}}
     buffer = build_replay(config, device, env.state_sizes)
-    buffer.add(episode)
+    buffer.add(random_episode(env, config.chunk_length + 1, np.random.default_rng(0)))  # Either alignment.
     with torch.random.fork_rng(devices=[]):  # The batch's noise, the updates' and CEM's draws.
         batch = BatchPrefetcher(buffer, config.batch_size, 1, device, config.bit_depth).batch()
         model.train()
@@ -147,9 +152,9 @@ def project_run(config, model, env, episodes_left, device):
     return per_episode, total, {"update": update_seconds, "plan": plan_seconds, "decisions": decisions}
 
 
-def bench_env(task, steps):
-    """Agent steps per second with random actions, one 64x64 render per decision."""
-    env = make_env(task, seed=0)
+def bench_env(task, steps, obs="pixels"):
+    """Agent steps per second with random actions, from pixels one 64x64 render per decision."""
+    env = make_env(task, seed=0, obs=obs)
     rng = np.random.default_rng(0)
     env.reset()
     start, done_steps = time.perf_counter(), 0
@@ -164,13 +169,13 @@ def bench_env(task, steps):
 def bench_iteration(config, model, optimizer, buffer, device, updates, episode_steps):
     """One training iteration as train.py runs it: `updates` model updates, then one episode
     collected with the planner and exploration noise. -> seconds."""
-    env = make_env(config.task, seed=0, max_episode_length=episode_steps * config.action_repeat)
+    env = build_env(config, max_episode_length=episode_steps * config.action_repeat)
     agent = Agent(model, config.planner, config.bit_depth, plan=config.plan(device))
     generator = torch.Generator(device).manual_seed(0)
     loss_fn = compile_loss(model, device) if config.compile_update else None
     warm = dataclasses.replace(config, collect_interval=min(updates, 3))  # Compiled paths compile.
     train_model(model, optimizer, buffer, warm, device, generator, 10_000, loss_fn)
-    play_episode(make_env(config.task, seed=1, max_episode_length=3 * config.action_repeat),
+    play_episode(build_env(config, seed=1, max_episode_length=3 * config.action_repeat),
                  planner_policy(agent, config.action_noise))
     sync(device)
     start = time.perf_counter()
@@ -187,7 +192,8 @@ def bench_test(config, model, device, episodes, decisions):
     length = decisions * config.action_repeat
     rates = {}
     for parallel in (episodes, 1):
-        with contextlib.closing(make_parallel_envs(config.task, parallel, config.action_repeat, length)) as envs:
+        with contextlib.closing(make_parallel_envs(config.task, parallel, config.action_repeat, length,
+                                                   config.obs)) as envs:
             agent = Agent(model, config.planner, config.bit_depth, batch_size=parallel,
                           plan=config.plan(device))
             play_episodes(envs, agent, test_seeds(0, 0, parallel))  # Warm-up.
@@ -208,6 +214,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--task", default=Config.task,
+                        help="the task whose env, action size and episode length are measured, as train.py's")
+    parser.add_argument("--obs", default=Config.obs, choices=OBSERVATIONS, help="what the agent sees, as train.py's")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run at tiny sizes")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per figure (default 7; quick 2)")
@@ -233,6 +242,7 @@ def main(argv=None):
     keep_freed_memory()
     try:
         device = resolve_device(args.device)
+        check_task(args.task, args.obs)
     except ValueError as error:
         parser.error(str(error))
     repeats = args.repeats or (2 if args.quick else 7)
@@ -240,20 +250,22 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     paths = {name: getattr(args, name) for name in SPEED_PATHS}
     # The paper's sizes: cheetah-run, B=50, L=50, H=12, I=10, J=1000, K=100.
-    config = Config(action_repeat=4, compile_planner=args.compile_planner, **paths,
-                    **(QUICK if args.quick else {}))
+    config = Config(task=args.task, obs=args.obs, action_repeat=default_action_repeat(args.task),
+                    compile_planner=args.compile_planner, **paths, **(QUICK if args.quick else {}))
     set_matmul_precision(device, config.tf32)
     # Compiled paths compile at the first call and, on CUDA, record their graphs at the next.
     warmup = 3 if config.compile_update or config.capture_planner else 1
-    action_size = make_env(config.task).action_size
-    model = build_model(config, action_size).to(device).eval()
+    env = build_env(config)
+    model = build_model(config, env).to(device).eval()
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, eps=config.adam_epsilon)
-    buffer = filled_buffer(config, action_size, 4 if args.quick else 20, rng, device)
+    buffer = filled_buffer(config, env, 4 if args.quick else 20, rng, device)
+    env.close()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
                f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
                "torch": torch.__version__, "cuda": torch.version.cuda, "quick": args.quick,
+               "task": config.task, "obs": config.obs,
                "compile_planner": args.compile_planner, "speed_paths": [name for name, on in paths.items() if on]}
     spread, rows = {}, []  # rows: (name, summary, unit)
 
@@ -274,8 +286,9 @@ def main(argv=None):
         rows.append(("CEM planning call", spread["plan"], "ms"))
     if "env" in args.figures:
         logging.info("environments ...")
-        spread["env"] = {task: summary([bench_env(task, 20 if args.quick else 250)
-                                        for _ in range(max(1, repeats // 2))]) for task in ENV_TASKS}
+        tasks = ENV_TASKS if (config.task, config.obs) == (Config.task, Config.obs) else (config.task,)
+        spread["env"] = {task: summary([bench_env(task, 20 if args.quick else 250, config.obs)
+                                        for _ in range(max(1, repeats // 2))]) for task in tasks}
         results["env_steps_per_s"] = {task: stats["median"] for task, stats in spread["env"].items()}
         rows += [(f"env {task}", stats, "agent steps/s") for task, stats in spread["env"].items()]
     if "iteration" in args.figures:
@@ -300,7 +313,8 @@ def main(argv=None):
     results["spread"] = spread
 
     flags = [speed_flag(name) for name in results["speed_paths"]] + ["--compile-planner"] * args.compile_planner
-    print(f"\n{results['device']}, torch {torch.__version__}{', ' + ' '.join(flags) if flags else ', eager'}"
+    print(f"\n{results['device']}, torch {torch.__version__}, {config.task} from {config.obs}"
+          f"{', ' + ' '.join(flags) if flags else ', eager'}"
           f"{' (quick: not the benchmark)' if args.quick else ''}")
     print(f"{'figure':42} {'median':>10} {'min':>10} {'max':>10} {'runs':>5}")
     for name, stats, unit in rows:

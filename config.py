@@ -13,12 +13,13 @@ import torch
 from agent import captured_cem_plan, cem_plan, compiled_rollout_returns, rollout_returns
 from model import GRU_CELLS, INITS, MODELS, STATE_HEADS
 from utils import resolve_device
-from wrappers import default_action_repeat, parse_task
+from wrappers import OBSERVATIONS, check_task, default_action_repeat, parse_task
 
 POSITIVE = ("episodes", "seed_episodes", "collect_interval", "batch_size", "chunk_length",
             "max_episode_length", "buffer_capacity", "horizon", "iterations", "candidates",
             "top_candidates", "test_interval", "test_episodes", "checkpoint_interval", "belief_size",
-            "state_size", "hidden_size", "reward_hidden_size", "reward_layers", "cnn_depth", "bit_depth")
+            "state_size", "hidden_size", "reward_hidden_size", "reward_layers", "cnn_depth", "embed_size",
+            "bit_depth")
 # Every other setting stays the run's own on --resume.
 SPEED_PATHS = ("capture_planner", "compile_update", "replay_on_device", "tf32", "bf16")
 RESUME_MAY_CHANGE = ("episodes", "device", "nan_policy", "compile_planner") + SPEED_PATHS
@@ -33,7 +34,9 @@ class Config:
     """Every setting of a run. Defaults are the official code's (paper Appendix A)."""
 
     task: str = option("cheetah-run", "dm_control task as domain-task, e.g. cartpole-swingup, cup-catch; "
-                       "or gym:ID, a Gymnasium env from pixels, e.g. gym:Pendulum-v1")
+                       "or gym:ID, a registered Gymnasium env, e.g. gym:Pendulum-v1")
+    obs: str = option("pixels", "what the agent sees: pixels (64x64 images, the paper's) or state "
+                      "(the env's observation vector, with MLP encoder and decoder)")
     seed: int = option(0, "seed of the environments, the models and the replay sampling")
     log_dir: str = option("log", "root of the run directories, <log-dir>/<task>/<timestamp>")
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
@@ -93,6 +96,8 @@ class Config:
                               "state_diagnostics: gradient stopped at the features, errors logged "
                               "at each test); or loss (camera-ready 0c6f7d3: trained into the model)")
     cnn_depth: int = option(32, "channels of the first conv layer of encoder and decoder")
+    embed_size: int = option(1024, "from states (--obs state): the embed size and the width of the "
+                             "MLP encoder and decoder, two hidden layers each (Kaixhin/PlaNet's)")
     # Loss and optimiser.
     bit_depth: int = option(5, "bits per colour channel of the observations")
     free_nats: float = option(3.0, "KL below this many nats is not penalised")
@@ -222,7 +227,7 @@ def parse_args(argv=None):
         except ValueError as error:
             parser.error(str(error))
     try:
-        parse_task(config.task)
+        check_task(config.task, config.obs)
         resolve_device(config.device)
     except ValueError as error:
         parser.error(str(error))

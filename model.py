@@ -239,6 +239,8 @@ class ObservationModel(nn.Module):
     """Features `(..., F)` -> mean of N(o_t, 1), `(..., 3, 64, 64)`. With `bf16`, the layers run
     under bf16 autocast and the image comes back in float32."""
 
+    name = "image"  # Of its loss term and test errors.
+
     def __init__(self, feature_size=230, depth=32, bf16=False):
         super().__init__()
         self.embed_size = 32 * depth
@@ -267,6 +269,35 @@ def dense_head(feature_size, hidden_size, layers, out_size):
     return nn.Sequential(*hidden, nn.Linear(sizes[-1], out_size))
 
 
+# From states (`--obs state`), MLPs take the conv nets' places: Kaixhin/PlaNet's `SymbolicEncoder`
+# and `SymbolicObservationModel` (`models.py`, commit 016520f), two hidden ReLU layers of the
+# embed size each, 1024 by default as for pixels. The official code learns from pixels only.
+
+class VectorEncoder(nn.Module):
+    """`(..., obs_size)` observation vector -> `(..., embed_size)` embed."""
+
+    def __init__(self, obs_size, embed_size=1024):
+        super().__init__()
+        self.embed_size = embed_size
+        self.net = dense_head(obs_size, embed_size, 2, embed_size)
+
+    def forward(self, obs):
+        return self.net(obs)
+
+
+class VectorObservationModel(nn.Module):
+    """Features `(..., F)` -> mean of N(o_t, I), `(..., obs_size)`: a unit Gaussian on the vector."""
+
+    name = "observation"  # Of its loss term and test errors.
+
+    def __init__(self, feature_size, obs_size, hidden_size=1024):
+        super().__init__()
+        self.net = dense_head(feature_size, hidden_size, 2, obs_size)
+
+    def forward(self, feature):
+        return self.net(feature)
+
+
 class RewardModel(nn.Module):
     """Features `(..., F)` -> mean of N(r_t, 1), `(...)`. Three hidden layers of 300 by default
     (HEAD `c04226b`, `scripts/configs.py:110-116`); camera-ready `0c6f7d3` has two of 100
@@ -284,7 +315,10 @@ STATE_HEADS = ("none", "diagnostic", "loss")
 
 
 class WorldModel(nn.Module):
-    """The four networks (and any state heads) trained together; one `state_dict` holds them all. `rssm` is the
+    """The four networks (and any state heads) trained together; one `state_dict` holds them all.
+    From pixels, the conv `Encoder` and `ObservationModel`; given `obs_size`, from observation
+    vectors of that size (`--obs state`), MLPs of width `embed_size` instead (`VectorEncoder`,
+    `VectorObservationModel`). `rssm` is the
     transition model: PlaNet's RSSM, or with `model` one of the designs of Figure 4 (MODELS),
     which share its interface (`TransitionModel`). `gru_cell` (GRU_CELLS) and `init` (INITS) choose
     between PyTorch's GRU and initialisation and the official TensorFlow ones. `bf16` runs the
@@ -302,17 +336,19 @@ class WorldModel(nn.Module):
 
     def __init__(self, action_size, belief_size=200, state_size=30, hidden_size=200,
                  cnn_depth=32, reward_hidden_size=300, model="rssm", bf16=False, gru_cell="torch",
-                 init="torch", reward_layers=3, state_heads="none", state_sizes=None):
+                 init="torch", reward_layers=3, state_heads="none", state_sizes=None, obs_size=None,
+                 embed_size=1024):
         super().__init__()
         if gru_cell not in GRU_CELLS or init not in INITS or state_heads not in STATE_HEADS:
             raise ValueError(f"gru_cell must be one of {GRU_CELLS}, init one of {INITS} and "
                              f"state_heads one of {STATE_HEADS}")
         if state_heads != "none" and not state_sizes:
             raise ValueError("state heads need the sizes of the env's proprioceptive observation")
-        self.encoder = Encoder(cnn_depth, bf16)
+        self.encoder = Encoder(cnn_depth, bf16) if obs_size is None else VectorEncoder(obs_size, embed_size)
         self.rssm = transition_model(model, action_size, belief_size, state_size, hidden_size,
                                      self.encoder.embed_size, gru_cell)
-        self.observation_model = ObservationModel(self.rssm.feature_size, cnn_depth, bf16)
+        self.observation_model = (ObservationModel(self.rssm.feature_size, cnn_depth, bf16) if obs_size is None
+                                  else VectorObservationModel(self.rssm.feature_size, obs_size, embed_size))
         self.reward_model = RewardModel(self.rssm.feature_size, reward_hidden_size, reward_layers)
         self.state_heads = state_heads
         self.state_models = nn.ModuleDict({
@@ -328,7 +364,7 @@ class WorldModel(nn.Module):
         by `overshooting_kl_beta`, and of the reward, weighted by `overshooting_reward_scale`; and
         the global KL prior, KL(posterior || N(0, I)) weighted by `global_kl_beta`.
 
-        obs `(T, B, 3, 64, 64)` preprocessed, actions `(T, B, A)` with `actions[t]` the action that
+        obs `(T, B, 3, 64, 64)` preprocessed, or `(T, B, obs_size)` vectors, actions `(T, B, A)` with `actions[t]` the action that
         led to `obs[t]`, rewards `(T, B)` received on that transition, and with state heads the
         proprioceptive `states` `{key: (T, B, size)}`, each a term `state_<key>` of weight 1
         (official), whose gradient reaches only its head when they are diagnostics.
@@ -337,13 +373,14 @@ class WorldModel(nn.Module):
         belief, state = self.rssm.initial(obs.shape[1], obs.device)
         beliefs, priors, posteriors = self.rssm.observe(self.encoder(obs), actions, belief, state)
         feature = features(beliefs, posteriors.sample)
-        image_nll = gaussian_nll(obs, self.observation_model(feature), dims=3).mean()
+        observation_nll = gaussian_nll(obs, self.observation_model(feature), dims=obs.dim() - 2).mean()
         reward_nll = gaussian_nll(rewards, self.reward_model(feature), dims=0).mean()
         # KL(posterior || prior) with free nats per (t, b) element; gradients reach both sides.
         kl = gaussian_kl(posteriors, priors)
         kl_loss = (kl - free_nats).clamp(min=0).mean()
-        total = image_nll + reward_scale * reward_nll + kl_loss
-        terms = {"image": image_nll, "reward": reward_nll, "kl": kl.mean(), "kl_free": kl_loss}
+        total = observation_nll + reward_scale * reward_nll + kl_loss
+        terms = {self.observation_model.name: observation_nll, "reward": reward_nll, "kl": kl.mean(),
+                 "kl_free": kl_loss}
         head_inputs = feature if self.state_heads == "loss" else feature.detach()
         for key, head in self.state_models.items():
             terms[f"state_{key}"] = gaussian_nll(states[key], head(head_inputs), dims=1).mean()
@@ -402,8 +439,8 @@ class WorldModel(nn.Module):
     @torch.no_grad()
     def predict_open_loop(self, obs, actions, context):
         """Reconstruct the first `context` frames from posteriors, then predict the rest open loop
-        from the actions. `obs (T, B, 3, 64, 64)` preprocessed, `actions (T, B, A)` aligned as in
-        `loss`. -> predicted image means `(T, B, 3, 64, 64)`."""
+        from the actions. `obs (T, B, 3, 64, 64)` preprocessed (or `(T, B, obs_size)`), `actions
+        (T, B, A)` aligned as in `loss`. -> predicted means, `obs`'s shape."""
         belief, state = self.rssm.initial(obs.shape[1], obs.device)
         beliefs, _, posteriors = self.rssm.observe(self.encoder(obs[:context]), actions[:context],
                                                    belief, state)

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from agent import Agent, RandomAgent, play_episodes
+from agent import Agent, RandomAgent, episode_frames, play_episodes
 from config import read_config
-from train import load_run, test_seeds
+from train import build_env, load_run, test_seeds
 from utils import keep_freed_memory, resolve_device, set_seed_everywhere
 from video import episode_mosaic, write_gif, write_video
 from wrappers import make_parallel_envs
@@ -54,6 +54,10 @@ def main(argv=None):
             config, model, checkpoint = read_config(args.run_dir), None, None
         else:
             config, model, checkpoint = load_run(args.run_dir, device)
+        frames = args.video or args.render  # From states, frames rendered beside them.
+        if frames and config.obs == "state":
+            with contextlib.closing(build_env(config, frames=True)):
+                pass  # Raises ValueError when the env cannot render.
     except ValueError as error:
         sys.exit(f"error: {error}")
     seed = config.seed if args.seed is None else args.seed
@@ -75,7 +79,7 @@ def main(argv=None):
     parallel = min(args.parallel, args.episodes)
     returns, video = [], []
     with contextlib.closing(make_parallel_envs(config.task, parallel, config.action_repeat,
-                                               config.max_episode_length)) as envs:
+                                               config.max_episode_length, config.obs, frames)) as envs:
         if args.random:
             agent = RandomAgent(envs.single_action_space.shape[0], np.random.default_rng(seed), parallel)
         else:
@@ -87,8 +91,8 @@ def main(argv=None):
                 returns.append(float(episode["reward"].sum()))
                 print(f"episode {len(returns)}: return {returns[-1]:.1f}", flush=True)
             if args.video:  # Each round's episodes in a row, the rounds one after the other.
-                video += episode_mosaic([episode["obs"] for episode in episodes[:args.episodes - first]],
-                                        tiles=parallel)
+                shown = episodes[:args.episodes - first]
+                video += episode_mosaic([episode_frames(episode) for episode in shown], tiles=parallel)
     print(f"mean return {np.mean(returns):.1f} +- {np.std(returns):.1f} over {len(returns)} episodes")
     if args.video:
         out = Path(args.out or Path(args.run_dir) / f"test_episodes.{'gif' if args.gif else 'mp4'}")

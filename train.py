@@ -1,4 +1,5 @@
-"""Train PlaNet from pixels: `python train.py --task cheetah-run`, `python train.py --resume RUN_DIR`.
+"""Train PlaNet from pixels (or states, `--obs state`): `python train.py --task cheetah-run`,
+`python train.py --resume RUN_DIR`.
 
 Algorithm 1 of the paper: a few seed episodes with random actions, then repeat: C model updates on
 chunks sampled from the replay buffer, one episode collected with the CEM planner plus exploration
@@ -18,17 +19,18 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from agent import STATE_PREFIX, Agent, planner_policy, play_episode, play_episodes, random_policy
+from agent import (STATE_PREFIX, Agent, episode_frames, planner_policy, play_episode, play_episodes,
+                   random_policy)
 from config import Config, parse_args, read_config
 from model import WorldModel
 from utils import (REPLAY_KEYS, BatchPrefetcher, DeviceReplayBuffer, ReplayBuffer, append_jsonl,
                    atomic_write, derive_seed, episode_index, episode_paths, global_rng_state,
-                   keep_freed_memory, load_episode, open_loop_errors, open_loop_frames,
+                   keep_freed_memory, load_episode, open_loop_errors, open_loop_prediction,
                    outgoing_reward_chunks, pack_random_state, read_jsonl, resolve_device, save_episode,
                    set_global_rng_state, set_matmul_precision, set_seed_everywhere, unpack_random_state,
                    write_json, write_jsonl)
-from video import add_gif, episode_mosaic
-from wrappers import make_env, make_parallel_envs
+from video import add_gif, episode_mosaic, state_plot
+from wrappers import make_env, make_parallel_envs, state_labels
 
 CHECKPOINT = "checkpoint.pt"
 TEST_SEED_OFFSET = 10_000  # Tags the stream of test-episode seeds, apart from training's.
@@ -38,12 +40,20 @@ VIDEO_FRAMES = 100  # Of the first test episode, logged to TensorBoard as a GIF 
 DAY = 24 * 3600  # Seconds: a projected run longer than this on a CPU is worth a warning.
 
 
-def build_model(config, action_size, state_sizes=None):
-    """The world model of `config` for an env's action size and the sizes of its proprioceptive
-    observation (`DMCEnv.state_sizes`, needed by state heads)."""
-    return WorldModel(action_size, config.belief_size, config.state_size, config.hidden_size,
+def build_env(config, seed=0, frames=False, max_episode_length=None):
+    """The run's env (`make_env`) with the given seed, seen as the run sees it."""
+    return make_env(config.task, seed, config.action_repeat, max_episode_length or config.max_episode_length,
+                    config.obs, frames)
+
+
+def build_model(config, env):
+    """The world model of `config` for an env: its action size, its observation's size when seen
+    from states, and the sizes of its proprioceptive observation (`state_sizes`, for state heads)."""
+    obs_size = env.observation_space.shape[0] if config.obs == "state" else None
+    return WorldModel(env.action_size, config.belief_size, config.state_size, config.hidden_size,
                       config.cnn_depth, config.reward_hidden_size, config.model, config.bf16,
-                      config.gru_cell, config.init, config.reward_layers, config.state_heads, state_sizes)
+                      config.gru_cell, config.init, config.reward_layers, config.state_heads,
+                      env.state_sizes, obs_size, config.embed_size)
 
 
 def build_replay(config, device, state_sizes=None):
@@ -76,8 +86,8 @@ def read_checkpoint(run_dir, config, model, device):
     saved = checkpoint.get("config", {}) if isinstance(checkpoint, dict) else {}
     # A setting missing from an older checkpoint had its default then.
     mismatched = [f"{name} {saved.get(name, getattr(Config, name))} != {getattr(config, name)}"
-                  for name in ("task", "model", "gru_cell", "belief_size", "state_size", "hidden_size",
-                               "reward_hidden_size", "reward_layers", "state_heads", "cnn_depth")
+                  for name in ("task", "obs", "model", "gru_cell", "belief_size", "state_size", "hidden_size",
+                               "reward_hidden_size", "reward_layers", "state_heads", "cnn_depth", "embed_size")
                   if saved.get(name, getattr(Config, name)) != getattr(config, name)]
     if mismatched:
         raise ValueError(f"{path} does not match the model in config.json: {', '.join(mismatched)}")
@@ -92,8 +102,8 @@ def load_run(run_dir, device):
     """The config, the model (in eval mode) and the checkpoint of a run, e.g. one still training."""
     config = read_config(run_dir)
     set_matmul_precision(device, config.tf32)
-    env = make_env(config.task)
-    model = build_model(config, env.action_size, env.state_sizes).to(device)
+    env = build_env(config)
+    model = build_model(config, env).to(device)
     env.close()
     checkpoint = read_checkpoint(run_dir, config, model, device)
     model.eval()
@@ -183,11 +193,12 @@ def test_seeds(seed, first_index, count):
     return [derive_seed(seed, TEST_SEED_OFFSET, first_index + i) for i in range(count)]
 
 
-def test(model, envs, config, first_index, run_dir):
+def test(model, envs, config, first_index, run_dir, state_sizes):
     """Noise-free planner episodes in the parallel `envs`, one each, saved from `first_index` on.
-    Returns the metrics (returns and the model's open-loop errors, see `open_loop_errors`) and a
-    strip of ground truth (top) over open-loop prediction (bottom) for the first episode, whose
-    first `VIDEO_FRAMES` frames it also returns `(T, 3, 64, 64)`."""
+    Returns the metrics (returns and the model's open-loop errors, see `open_loop_errors`); an
+    image `(3, H, W)` of the first episode's open-loop prediction: a strip of ground truth (top)
+    over prediction (bottom), or from states a plot of each dimension (named from `state_sizes`);
+    and the episode's first `VIDEO_FRAMES` frames `(T, 3, 64, 64)`, or None from states without."""
     agent = Agent(model, config.planner, config.bit_depth, batch_size=envs.num_envs,
                   plan=config.plan(next(model.parameters()).device))
     episodes = play_episodes(envs, agent, test_seeds(config.seed, first_index, envs.num_envs))
@@ -199,11 +210,15 @@ def test(model, envs, config, first_index, run_dir):
     errors = open_loop_errors(model, episodes, config.horizon, bit_depth=config.bit_depth,
                               reward_offset=int(config.reward_alignment == "outgoing"))
     metrics.update({f"test/{name}": value for name, value in errors.items()})
-    truth, prediction = open_loop_frames(model, episodes[0], context=5, length=50,
-                                         bit_depth=config.bit_depth)
-    strip = np.concatenate([np.concatenate(list(frames[::5]), axis=2) for frames in (truth, prediction)],
-                           axis=1)
-    return metrics, strip, episodes[0]["obs"][:VIDEO_FRAMES]
+    truth, prediction = open_loop_prediction(model, episodes[0], context=5, length=50,
+                                             bit_depth=config.bit_depth)
+    if config.obs == "pixels":
+        image = np.concatenate([np.concatenate(list(frames[::5]), axis=2) for frames in (truth, prediction)],
+                               axis=1)
+    else:
+        image = state_plot(truth, prediction, 5, state_labels(state_sizes)).transpose(2, 0, 1)
+    frames = episode_frames(episodes[0])
+    return metrics, image, None if frames is None else frames[:VIDEO_FRAMES]
 
 
 def make_run_dir(config):
@@ -276,9 +291,9 @@ class Workspace:
         set_matmul_precision(self.device, config.tf32)
         set_seed_everywhere(config.seed)
         self.rng = np.random.default_rng(config.seed)  # Seed episodes' random actions.
-        self.env = make_env(config.task, config.seed, config.action_repeat, config.max_episode_length)
+        self.env = build_env(config, config.seed)
         self.test_envs = None  # Worker processes, started at the first test.
-        self.model = build_model(config, self.env.action_size, self.env.state_sizes).to(self.device).eval()
+        self.model = build_model(config, self.env).to(self.device).eval()
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.learning_rate,
                                           eps=config.adam_epsilon)
         self.loss_fn = compile_loss(self.model, self.device) if config.compile_update else None
@@ -400,15 +415,16 @@ class Workspace:
             # Every test_interval episodes, and after the last: the paper's final score.
             if counters["episodes"] > config.seed_episodes and (
                     counters["episodes"] % config.test_interval == 0 or counters["episodes"] == config.episodes):
-                if self.test_envs is None:
+                if self.test_envs is None:  # From states, frames for the GIF where the env renders.
                     self.test_envs = make_parallel_envs(config.task, config.test_episodes, config.action_repeat,
-                                                        config.max_episode_length)
-                test_metrics, strip, frames = test(self.model, self.test_envs, config, counters["test_episodes"],
-                                           self.run_dir)
+                                                        config.max_episode_length, config.obs, self.env.renders)
+                test_metrics, image, frames = test(self.model, self.test_envs, config, counters["test_episodes"],
+                                                   self.run_dir, self.env.state_sizes)
                 counters["test_episodes"] += config.test_episodes
                 metrics.update(test_metrics)
-                self.writer.add_image("test/open_loop_prediction", strip, counters["env_steps"])
-                add_gif(self.writer, "test/episode", episode_mosaic([frames], scale=1), counters["env_steps"])
+                self.writer.add_image("test/open_loop_prediction", image, counters["env_steps"])
+                if frames is not None:
+                    add_gif(self.writer, "test/episode", episode_mosaic([frames], scale=1), counters["env_steps"])
             self.log(metrics)
             if counters["episodes"] % config.checkpoint_interval == 0 or counters["episodes"] == config.episodes:
                 self.save()

@@ -23,7 +23,10 @@ def preprocess_observation(obs, bit_depth=5, generator=None):
 
     x = floor(o / 2^(8-b)) / 2^b + U(0, 1/2^b) - 0.5, computed as (U(0, 1) + (o >> (8-b))) / 2^b - 0.5
     in place on the noise, since a batch is 30M pixels. `generator` draws the noise.
+    Observation vectors (`--obs state`, float) pass as they are: bit depth is a matter of pixels.
     """
+    if obs.is_floating_point():
+        return obs.float()
     noise = torch.rand(obs.shape, generator=generator, device=obs.device)
     return noise.add_(obs >> (8 - bit_depth)).div_(2 ** bit_depth).sub_(0.5)
 
@@ -264,16 +267,19 @@ def side_stream(device):
 
 
 @torch.no_grad()
-def open_loop_frames(model, episode, context=5, length=50, bit_depth=5):
-    """Observe the first `context` frames of an episode, then predict up to `length` frames in
-    all open loop from its executed actions. -> ground truth and prediction, uint8 `(T, 3, 64, 64)`.
-    An episode that ended (terminated) within `context` frames is observed up to its last frame."""
+def open_loop_prediction(model, episode, context=5, length=50, bit_depth=5):
+    """Observe the first `context` observations of an episode, then predict up to `length` in all
+    open loop from its executed actions. -> ground truth and prediction: uint8 frames
+    `(T, 3, 64, 64)`, or float32 vectors `(T, obs_size)` from states. An episode that ended
+    (terminated) within `context` steps is observed up to its last step."""
     device = next(model.parameters()).device
     context = min(context, len(episode["reward"]) - 1)
     obs = torch.as_tensor(episode["obs"][:length, None], device=device)
     actions = torch.as_tensor(episode["action"][:length, None], device=device)
-    prediction = model.predict_open_loop(preprocess_observation(obs, bit_depth), actions, context)
-    return episode["obs"][:length], postprocess_observation(prediction[:, 0], bit_depth).cpu().numpy()
+    prediction = model.predict_open_loop(preprocess_observation(obs, bit_depth), actions, context)[:, 0]
+    if not obs.is_floating_point():
+        prediction = postprocess_observation(prediction, bit_depth)
+    return episode["obs"][:length], prediction.cpu().numpy()
 
 
 @torch.no_grad()
@@ -290,6 +296,7 @@ def open_loop_errors(model, episodes, horizon=12, stride=4, bit_depth=5, reward_
     `image_mse_open_loop`: per pixel, the decoded open-loop mean against the preprocessed frame;
     `image_mse_constant`: per pixel, always predicting the mean of those frames (their variance),
     the level a model that has learnt the background but not the motion reaches;
+    (from states, `observation_mse_open_loop` and `observation_mse_constant`, per dimension);
     (none of them when every episode is too short for `horizon` steps ahead);
     with state heads, per dimension of each part of the proprioceptive state:
     `state_<key>_mse_open_loop`, `state_<key>_mse_filtered` (posterior) and `state_<key>_mse_constant`.
@@ -326,9 +333,9 @@ def open_loop_errors(model, episodes, horizon=12, stride=4, bit_depth=5, reward_
         add("reward_mse_open_loop", model.reward_model(imagined), target)
         add("reward_mse_posterior", model.reward_model(posterior), target)
         add_target("reward", target)
-        frames = obs[ahead, 0]
-        add("image_mse_open_loop", model.observation_model(imagined), frames)
-        add_target("image", frames)
+        name = model.observation_model.name
+        add(f"{name}_mse_open_loop", model.observation_model(imagined), obs[ahead, 0])
+        add_target(name, obs[ahead, 0])
         for key, head in model.state_models.items():
             state = torch.as_tensor(episode[f"state_{key}"], device=device)[ahead]
             add(f"state_{key}_mse_open_loop", head(imagined), state)

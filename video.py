@@ -1,7 +1,13 @@
-"""Frames to files: MP4 videos, and GIFs small enough for a README or TensorBoard's Images tab."""
+"""Frames to files: MP4 videos, and GIFs small enough for a README or TensorBoard's Images tab;
+and the plot of predicted against true observation vectors, from states."""
 import io
+import math
 
 import cv2
+import matplotlib
+
+matplotlib.use("Agg")  # Files only: no display needed.
+import matplotlib.pyplot as plt
 import numpy as np
 from PIL import Image
 from tensorboard.compat.proto.summary_pb2 import Summary
@@ -49,3 +55,28 @@ def add_gif(writer, tag, frames, step, fps=10):
     height, width = frames[0].shape[:2]
     image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=data.getvalue())
     writer.file_writer.add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
+
+
+def state_plot(truth, prediction, context, labels, columns=4):
+    """True against predicted observation vectors over time, `(T, D)` each, one panel per
+    dimension named by `labels`, the first `context` steps observed and the rest open loop.
+    -> RGB image `(H, W, 3)` uint8, for a PNG or TensorBoard."""
+    rows = math.ceil(len(labels) / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.2 * rows), squeeze=False,
+                                sharex=True, constrained_layout=True)
+    steps = np.arange(len(truth))
+    for i, axis in enumerate(axes.flat):
+        if i >= len(labels):
+            axis.axis("off")
+            continue
+        axis.plot(steps, truth[:, i], color="black", label="truth")
+        axis.plot(steps, prediction[:, i], color="tab:red", linestyle="--", label="prediction")
+        axis.axvspan(0, context - 1, color="tab:blue", alpha=0.12, label="observed")
+        axis.set_title(labels[i], fontsize=9)
+        axis.tick_params(labelsize=7)
+    axes.flat[0].legend(fontsize=7)
+    figure.supxlabel("step (agent decisions)", fontsize=9)
+    figure.canvas.draw()
+    image = np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(figure)
+    return image

@@ -3,6 +3,8 @@
 Plays one noise-free episode with the planner, lets the model observe the first `--context`
 frames, then predicts the following frames open loop from the executed actions. Writes an MP4 of
 ground truth | prediction | difference, or with `--gif` an animated GIF (for a README).
+A run from states (`--obs state`) predicts observation vectors: it writes a PNG plot of each
+dimension, true against predicted (`--plot`), and a video of the true frames where the env renders.
 """
 import argparse
 import logging
@@ -13,12 +15,12 @@ import cv2
 import numpy as np
 import torch
 
-from agent import Agent, planner_policy, play_episode
-from train import load_run, test_seeds
-from utils import (keep_freed_memory, load_episode, open_loop_frames, resolve_device,
+from agent import Agent, episode_frames, planner_policy, play_episode
+from train import build_env, load_run, test_seeds
+from utils import (keep_freed_memory, load_episode, open_loop_prediction, resolve_device,
                    set_seed_everywhere)
-from video import write_gif, write_video
-from wrappers import make_env
+from video import state_plot, write_gif, write_video
+from wrappers import state_labels
 
 SCALE = 4  # Each 64x64 frame is shown at 256x256.
 
@@ -40,6 +42,12 @@ def video_frames(truth, prediction, context):
                               panel(difference[t], "difference")], axis=1)
 
 
+def observed_frames(frames, context):
+    """Frames `(T, 3, 64, 64)` uint8 of a run from states -> BGR images of the ground truth alone."""
+    for t in range(len(frames)):
+        yield panel(frames[t], f"truth t={t}, {'observed' if t < context else 'predicted open loop'}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -47,6 +55,8 @@ def main(argv=None):
     parser.add_argument("--out", default=None,
                         help="video path (default: RUN_DIR/video_prediction.mp4, or .gif with --gif)")
     parser.add_argument("--gif", action="store_true", help="write an animated GIF instead of an MP4")
+    parser.add_argument("--plot", default=None,
+                        help="from states: the plot's path (default: RUN_DIR/state_prediction.png)")
     parser.add_argument("--context", type=int, default=5, help="frames observed before predicting")
     parser.add_argument("--length", type=int, default=45, help="frames predicted open loop")
     parser.add_argument("--episode", default=None,
@@ -68,20 +78,34 @@ def main(argv=None):
     seed = config.seed if args.seed is None else args.seed
     set_seed_everywhere(seed)
     total = args.context + args.length
+    env = build_env(config, test_seeds(seed, 0, 1)[0],
+                    max_episode_length=min(config.max_episode_length, total * config.action_repeat))
+    env.frames = config.obs == "state" and env.renders  # From states, a frame beside each, for the video.
+    labels = state_labels(env.state_sizes)
     if args.episode:
         episode = load_episode(args.episode)
     else:
-        env = make_env(config.task, test_seeds(seed, 0, 1)[0], config.action_repeat,
-                       min(config.max_episode_length, total * config.action_repeat))
         agent = Agent(model, config.planner, config.bit_depth, plan=config.plan(device))
         episode = play_episode(env, planner_policy(agent))
-        env.close()
+    env.close()
     if len(episode["reward"]) < total:
         sys.exit(f"error: the episode has {len(episode['reward'])} frames, fewer than "
                  f"--context + --length = {total}")
-    truth, prediction = open_loop_frames(model, episode, args.context, total, config.bit_depth)
+    truth, prediction = open_loop_prediction(model, episode, args.context, total, config.bit_depth)
     out = Path(args.out or Path(args.run_dir) / f"video_prediction.{'gif' if args.gif else 'mp4'}")
-    (write_gif if args.gif else write_video)(out, video_frames(truth, prediction, args.context))
+    if config.obs == "pixels":
+        frames = video_frames(truth, prediction, args.context)
+    else:
+        plot = Path(args.plot or Path(args.run_dir) / "state_prediction.png")
+        image = state_plot(truth, prediction, args.context, labels)
+        cv2.imwrite(str(plot), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+        print(plot)
+        frames = episode_frames(episode)
+        if frames is None:
+            logging.info("no video: %s renders no frames", config.task)
+            return
+        frames = observed_frames(frames[:total], args.context)
+    (write_gif if args.gif else write_video)(out, frames)
     print(out)
 
 

@@ -1,10 +1,15 @@
-"""DeepMind Control Suite tasks and Gymnasium envs from pixels: 64x64 images, action repeat, time limit.
+"""DeepMind Control Suite tasks and Gymnasium envs, seen from pixels or from states: 64x64 images
+or observation vectors, action repeat, time limit.
 
-`reset()` gives `(obs, info)` and `step(action)` gives `(obs, reward, terminated, truncated, info)`,
-where `obs` is a `(3, 64, 64)` uint8 image rendered once per agent decision (PlaNet Sec. 5), and
-`info["state"]` the task's proprioceptive observation at the same step (dm_control's observation
-dict, e.g. `position` and `velocity`), which the agent never sees: episodes store it beside the
-pixels for the camera-ready configuration's state heads and for the state diagnostics.
+`reset()` gives `(obs, info)` and `step(action)` gives `(obs, reward, terminated, truncated, info)`.
+From pixels (`obs="pixels"`, the paper's setting), `obs` is a `(3, 64, 64)` uint8 image rendered
+once per agent decision (PlaNet Sec. 5). From states (`obs="state"`, `--obs state`), it is the env's
+own observation, a float32 vector: dm_control's observation dict flattened in its key order
+(`flatten_state`), or a Gymnasium env's flat Box observation; nothing is rendered unless `frames`
+asks for an image of each step as `info["frame"]`, for videos. Either way `info["state"]` is the
+task's proprioceptive observation at the same step (dm_control's observation dict, e.g. `position`
+and `velocity`): episodes store it for the camera-ready configuration's state heads and for the
+state diagnostics.
 
 A task is a dm_control `domain-task` (`DMCEnv`) or `gym:ID`, any registered Gymnasium env with a
 bounded continuous action space that renders `rgb_array` frames (`GymEnv`, the same interface).
@@ -14,6 +19,7 @@ import functools
 import importlib
 import logging
 import os
+import warnings
 
 os.environ.setdefault("MUJOCO_GL", "egl")  # Headless rendering unless the user chose otherwise.
 
@@ -48,6 +54,7 @@ GYM_PREFIX = "gym:"  # `gym:Pendulum-v1`, `gym:Hopper-v5`, or `gym:my_module:MyE
 # (c04226b `scripts/tasks.py:108`). 2 halves the decisions per episode, so the planner's 12 steps
 # see twice as far, at little cost in control: Gymnasium's MuJoCo envs already skip frames.
 GYM_ACTION_REPEAT = 2
+OBSERVATIONS = ("pixels", "state")  # What the agent sees: `--obs`.
 
 
 def _short_domain(domain):
@@ -60,9 +67,12 @@ def task_names():
     return sorted(f"{_short_domain(domain)}-{task}" for domain, task in suite.ALL_TASKS)
 
 
-def make_gym(env_id):
-    """`gymnasium.make(env_id, render_mode="rgb_array")`, checked: raises ValueError unless the id
-    is registered, the action space is a bounded `(n,)` Box and the env renders rgb_array frames."""
+def make_gym(env_id, obs=None):
+    """`gymnasium.make(env_id, render_mode="rgb_array")`, checked. -> the env and whether it renders
+    rgb_array frames. Raises ValueError unless the id is registered and the action space is a
+    bounded `(n,)` Box; from pixels (`obs="pixels"`), unless the env renders rgb_array frames; from
+    states (`obs="state"`), unless its observation space is a flat Box. An env whose constructor
+    takes no render mode is made without one, when not from pixels."""
     module, _, name = env_id.rpartition(":")
     try:
         if module:  # Gymnasium's `module:ID`: importing the module registers its envs.
@@ -74,31 +84,45 @@ def make_gym(env_id):
             "python -c 'import gymnasium; gymnasium.pprint_registry()' lists the registered ids"
         raise ValueError(f"unknown Gymnasium env {GYM_PREFIX}{env_id} ({error}); {hint}") from None
     try:
-        env = gym.make(env_id, render_mode="rgb_array")
-    except TypeError as error:  # An env whose constructor takes no render_mode.
-        raise ValueError(f"{GYM_PREFIX}{env_id} cannot render rgb_array pixels ({error})") from None
-    space = env.action_space
-    bounded = isinstance(space, gym.spaces.Box) and space.is_bounded() and len(space.shape) == 1
-    problem = (f"its action space is {space}" if not bounded else
-               f"its render modes are {env.metadata.get('render_modes')}"
-               if "rgb_array" not in env.metadata.get("render_modes", []) else None)
-    if problem:
-        env.close()
-        raise ValueError(f"{GYM_PREFIX}{env_id}: {problem}; PlaNet needs a bounded continuous "
-                         "action space, a Box of shape (n,), and rgb_array rendering")
-    return env
+        with warnings.catch_warnings():  # That an env renders no rgb_array: said below if it matters.
+            warnings.filterwarnings("ignore", message=".*render_mode.*")
+            env = gym.make(env_id, render_mode="rgb_array")
+        renders = "rgb_array" in env.metadata.get("render_modes", [])
+    except TypeError as error:
+        if obs == "pixels":
+            raise ValueError(f"{GYM_PREFIX}{env_id} cannot render rgb_array pixels ({error}); "
+                             "--obs state learns from its observation vector instead") from None
+        env, renders = gym.make(env_id), False
+    space, observation = env.action_space, env.observation_space
+    if not (isinstance(space, gym.spaces.Box) and space.is_bounded() and len(space.shape) == 1):
+        problem = (f"its action space is {space}; PlaNet needs a bounded continuous action space, "
+                   "a Box of shape (n,)")
+    elif obs == "pixels" and not renders:
+        problem = (f"its render modes are {env.metadata.get('render_modes')}; learning from pixels needs "
+                   "rgb_array rendering (--obs state learns from its observation vector instead)")
+    elif obs == "state" and not flat_box(observation):
+        problem = f"its observation space is {observation}; --obs state needs a flat Box of shape (n,)"
+    else:
+        return env, renders
+    env.close()
+    raise ValueError(f"{GYM_PREFIX}{env_id}: {problem}")
+
+
+def flat_box(space):
+    return isinstance(space, gym.spaces.Box) and len(space.shape) == 1
 
 
 @functools.cache
-def _check_gym(env_id):
-    make_gym(env_id).close()
+def check_gym(env_id, obs=None):
+    """`make_gym`'s checks, once per process for each env and observation."""
+    make_gym(env_id, obs)[0].close()
 
 
 def parse_task(name):
     """`'cup-catch'` -> `('ball_in_cup', 'catch')`, `'gym:Hopper-v5'` -> `('gym', 'Hopper-v5')`;
     raises ValueError listing the known tasks, or saying what a Gymnasium env lacks."""
     if name.startswith(GYM_PREFIX):
-        _check_gym(name[len(GYM_PREFIX):])
+        check_gym(name[len(GYM_PREFIX):])
         return "gym", name[len(GYM_PREFIX):]
     domain, _, task = name.partition("-")
     domain = DOMAIN_ALIASES.get(domain, domain)
@@ -107,17 +131,58 @@ def parse_task(name):
     return domain, task
 
 
+def check_task(task, obs="pixels"):
+    """`parse_task`'s checks, and that the task can be seen from `obs` (OBSERVATIONS); raises
+    ValueError saying what is missing."""
+    parse_task(task)
+    if obs not in OBSERVATIONS:
+        raise ValueError(f"unknown observation {obs!r}; known: {', '.join(OBSERVATIONS)}")
+    if task.startswith(GYM_PREFIX):
+        check_gym(task[len(GYM_PREFIX):], obs)
+
+
 def default_action_repeat(task):
     domain = parse_task(task)[0]
     return GYM_ACTION_REPEAT if domain == "gym" else ACTION_REPEAT.get(domain, DEFAULT_ACTION_REPEAT)
 
 
-class PixelEnv(gym.Env):
-    """What every env of a task shares: `(3, size, size)` uint8 frames from `_observation()`, the
-    planner's actions in [-1, 1] (`action_space`), and the count of env steps in the episode."""
+def flatten_state(state):
+    """A state dict `{key: (size,) float32}` -> one `(sum of sizes,)` float32 vector, its parts in
+    the dict's order: dm_control's observation spec order, as Kaixhin/PlaNet's `--symbolic-env`."""
+    return np.concatenate(list(state.values())).astype(np.float32, copy=False)
+
+
+def state_labels(state_sizes):
+    """The name of each dimension of `flatten_state`'s vector: `{"position": 2}` -> `["position[0]",
+    "position[1]"]`."""
+    return [f"{key}[{i}]" for key, size in state_sizes.items() for i in range(size)]
+
+
+class TaskEnv(gym.Env):
+    """What every env of a task shares: the planner's actions in [-1, 1] (`action_space`), the count
+    of env steps in the episode, and its observation, from pixels or from states (`_observe`)."""
 
     metadata = {"render_modes": ["rgb_array"]}
+    renders = True  # Whether `_render` can draw a frame.
     _steps = 0
+
+    def _set_observation(self, obs, frames, state_sizes):
+        """What `_observe` returns: `(3, size, size)` uint8 frames, or from states a float32 vector
+        of the sizes' sum, and with `frames` (an attribute that may be set later) a frame beside it."""
+        if obs not in OBSERVATIONS:
+            raise ValueError(f"unknown observation {obs!r}; known: {', '.join(OBSERVATIONS)}")
+        if frames and not self.renders:
+            raise ValueError(f"{self.task} renders no rgb_array frames to show or to write as video")
+        self.obs, self.frames, self.state_sizes = obs, frames and obs == "state", state_sizes
+        self.observation_space = (gym.spaces.Box(0, 255, (3, self.size, self.size), np.uint8) if obs == "pixels" else
+                                  gym.spaces.Box(-np.inf, np.inf, (sum(state_sizes.values()),), np.float32))
+
+    def _observe(self, state):
+        """The observation of a step and its info: the task's state dict as `info["state"]`, and
+        from states with `frames`, the frame as `info["frame"]`."""
+        if self.obs == "pixels":
+            return self._render(), {"state": state}
+        return flatten_state(state), {"state": state, **({"frame": self._render()} if self.frames else {})}
 
     @property
     def steps(self):
@@ -129,17 +194,19 @@ class PixelEnv(gym.Env):
         return self.action_space.shape[0]
 
     def render(self):
-        return self._observation().transpose(1, 2, 0)
+        return self._render().transpose(1, 2, 0)
 
 
-class DMCEnv(PixelEnv):
-    """A dm_control task seen from 64x64 pixels, with `action_repeat` physics steps per decision.
+class DMCEnv(TaskEnv):
+    """A dm_control task seen from 64x64 pixels or from its observation dict, with `action_repeat`
+    physics steps per decision.
 
     Rewards are summed over the repeated steps, and repeating stops at the episode's last step.
     An episode lasts at most `max_episode_length` environment (physics control) steps.
     """
 
-    def __init__(self, task, seed=0, action_repeat=None, max_episode_length=1000, size=64):
+    def __init__(self, task, seed=0, action_repeat=None, max_episode_length=1000, size=64, obs="pixels",
+                 frames=False):
         domain, task_name = parse_task(task)
         self.task = task
         self.action_repeat = action_repeat or default_action_repeat(task)
@@ -152,12 +219,12 @@ class DMCEnv(PixelEnv):
         self._action_low, self._action_high = spec.minimum, spec.maximum
         self.action_space = gym.spaces.Box(spec.minimum.astype(np.float32), spec.maximum.astype(np.float32),
                                            spec.shape, np.float32)
-        self.observation_space = gym.spaces.Box(0, 255, (3, size, size), np.uint8)
         # The proprioceptive observation, in dm_control's key order, each flattened.
-        self.state_sizes = {key: int(np.prod(spec.shape)) for key, spec in self._env.observation_spec().items()}
+        self._set_observation(obs, frames, {key: int(np.prod(spec.shape))
+                                            for key, spec in self._env.observation_spec().items()})
         self._steps = 0
 
-    def _observation(self):
+    def _render(self):
         """Render once, `(3, size, size)` uint8."""
         if self._camera is None:
             # One camera for the whole life of the env: `physics.render` builds a new one, with
@@ -176,7 +243,7 @@ class DMCEnv(PixelEnv):
             self._env.task.random.seed(seed)
         time_step = self._env.reset()
         self._steps = 0
-        return self._observation(), {"state": self._state(time_step)}
+        return self._observe(self._state(time_step))
 
     def step(self, action):
         action = np.clip(action, self._action_low, self._action_high)
@@ -190,8 +257,8 @@ class DMCEnv(PixelEnv):
             truncated = (time_step.last() and not terminated) or self._steps >= self.max_episode_length
             if terminated or truncated:
                 break
-        return (self._observation(), reward, terminated, truncated,
-                {"env_steps": self._steps, "state": self._state(time_step)})
+        obs, info = self._observe(self._state(time_step))
+        return obs, reward, terminated, truncated, {"env_steps": self._steps, **info}
 
     def get_rng_state(self):
         """The state of the task's generator, which draws each episode's initial conditions."""
@@ -205,8 +272,9 @@ class DMCEnv(PixelEnv):
         self._env.close()
 
 
-class GymEnv(PixelEnv):
-    """A Gymnasium env (`gym:ID`) seen from 64x64 pixels, with the interface of `DMCEnv`.
+class GymEnv(TaskEnv):
+    """A Gymnasium env (`gym:ID`) seen from 64x64 pixels or from its observation vector, with the
+    interface of `DMCEnv`.
 
     The planner's actions in [-1, 1] are scaled linearly to the env's action bounds. Each decision
     repeats the action `action_repeat` env steps, summing their rewards, and stops at the end of
@@ -216,23 +284,22 @@ class GymEnv(PixelEnv):
     The env's generator is seeded at the first reset with `seed`, or by `reset(seed=...)`.
     """
 
-    def __init__(self, task, seed=0, action_repeat=None, max_episode_length=1000, size=64):
+    def __init__(self, task, seed=0, action_repeat=None, max_episode_length=1000, size=64, obs="pixels",
+                 frames=False):
         self.task = task
         self.action_repeat = action_repeat or default_action_repeat(task)
         self.max_episode_length = max_episode_length
         self.size = size
-        self._env = make_gym(parse_task(task)[1])
+        self._env, self.renders = make_gym(parse_task(task)[1], obs)
         space = self._env.action_space
         self._action_low, self._action_high = space.low.astype(np.float64), space.high.astype(np.float64)
         self.action_space = gym.spaces.Box(-1.0, 1.0, space.shape, np.float32)
-        self.observation_space = gym.spaces.Box(0, 255, (3, size, size), np.uint8)
         observation = self._env.observation_space
-        flat = isinstance(observation, gym.spaces.Box) and len(observation.shape) == 1
-        self.state_sizes = {"observation": observation.shape[0]} if flat else {}
+        self._set_observation(obs, frames, {"observation": observation.shape[0]} if flat_box(observation) else {})
         self._seed = seed  # For the first reset, unless a generator state is set first.
         self._steps = 0
 
-    def _observation(self):
+    def _render(self):
         """Render once, `(3, size, size)` uint8."""
         frame = self._env.render()
         if not (isinstance(frame, np.ndarray) and frame.ndim == 3 and frame.shape[2] in (3, 4)):
@@ -249,7 +316,7 @@ class GymEnv(PixelEnv):
         seed, self._seed = self._seed if seed is None else seed, None
         observation, _ = self._env.reset(seed=seed, options=options)
         self._steps = 0
-        return self._observation(), {"state": self._state(observation)}
+        return self._observe(self._state(observation))
 
     def step(self, action):
         fraction = (np.clip(action, -1, 1) + 1) / 2
@@ -263,8 +330,8 @@ class GymEnv(PixelEnv):
             truncated = truncated or self._steps >= self.max_episode_length
             if terminated or truncated:
                 break
-        return (self._observation(), reward, terminated, truncated,
-                {"env_steps": self._steps, "state": self._state(observation)})
+        obs, info = self._observe(self._state(observation))
+        return obs, reward, terminated, truncated, {"env_steps": self._steps, **info}
 
     def get_rng_state(self):
         """The state of the env's generator (`np_random`), which draws each episode's initial
@@ -283,19 +350,21 @@ class GymEnv(PixelEnv):
         self._env.close()
 
 
-def make_env(task, seed=0, action_repeat=None, max_episode_length=1000):
-    """`GymEnv` for a `gym:ID` task, else `DMCEnv`."""
+def make_env(task, seed=0, action_repeat=None, max_episode_length=1000, obs="pixels", frames=False):
+    """`GymEnv` for a `gym:ID` task, else `DMCEnv`, seen from `obs` (OBSERVATIONS); from states,
+    `frames` renders each step's frame too, as `info["frame"]`."""
     env = GymEnv if task.startswith(GYM_PREFIX) else DMCEnv
-    return env(task, seed=seed, action_repeat=action_repeat, max_episode_length=max_episode_length)
+    return env(task, seed=seed, action_repeat=action_repeat, max_episode_length=max_episode_length, obs=obs,
+               frames=frames)
 
 
-def make_parallel_envs(task, count, action_repeat=None, max_episode_length=1000):
+def make_parallel_envs(task, count, action_repeat=None, max_episode_length=1000, obs="pixels", frames=False):
     """`count` copies of the env stepped together, each in its own worker process so that physics
     and rendering use every core. Seed their episodes with `reset(seed=[...])`.
 
     Workers are spawned, not forked: a fork would copy this process's EGL and CUDA state. Nothing
     resets an env behind the caller's back (autoreset off); stepping a finished one is harmless.
     """
-    make = functools.partial(make_env, task, 0, action_repeat, max_episode_length)
+    make = functools.partial(make_env, task, 0, action_repeat, max_episode_length, obs, frames)
     return gym.vector.AsyncVectorEnv([make] * count, context="spawn",
                                      autoreset_mode=gym.vector.AutoresetMode.DISABLED)

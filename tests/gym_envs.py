@@ -47,7 +47,16 @@ class HumanOnly(Recorder):
     metadata = {"render_modes": ["human"]}
 
 
+class ImageObservation(Recorder):
+    """Observes an image, not a vector."""
+
+    def __init__(self, render_mode=None):
+        super().__init__(render_mode)
+        self.observation_space = gym.spaces.Box(0, 255, (8, 8, 3), np.uint8)
+
+
 gym.register("PlanetTest/Recorder-v0", entry_point=Recorder, max_episode_steps=50)
 gym.register("PlanetTest/Short-v0", entry_point=Recorder, kwargs={"terminate_at": 3})
 gym.register("PlanetTest/NoRender-v0", entry_point=NoRender)
 gym.register("PlanetTest/HumanOnly-v0", entry_point=HumanOnly)
+gym.register("PlanetTest/ImageObservation-v0", entry_point=ImageObservation)

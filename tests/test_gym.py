@@ -13,7 +13,7 @@ from agent import play_episode
 from conftest import TINY_FLAGS, make_episode
 from test_commands import run
 from utils import ReplayBuffer, pack_random_state, unpack_random_state
-from wrappers import GYM_ACTION_REPEAT, default_action_repeat, make_env, parse_task
+from wrappers import GYM_ACTION_REPEAT, check_task, default_action_repeat, make_env, parse_task
 
 RECORDER = "gym:tests.gym_envs:PlanetTest/Recorder-v0"
 
@@ -120,15 +120,18 @@ def test_an_episode_shorter_than_a_chunk_has_no_chunk_starts():
     assert set(obs[0, :, 0, 0, 0].tolist()) == {2}  # Every chunk from the one long episode.
 
 
-@pytest.mark.parametrize("task, message", [
-    ("gym:CartPole-v1", "action space is Discrete(2); PlaNet needs a bounded continuous action space"),
-    ("gym:Pendelum-v1", "unknown Gymnasium env gym:Pendelum-v1 (Environment `Pendelum` doesn't exist"),
-    ("gym:tests.gym_envs:PlanetTest/NoRender-v0", "cannot render rgb_array pixels"),
-    ("gym:tests.gym_envs:PlanetTest/HumanOnly-v0", "its render modes are ['human']; PlaNet needs"),
+@pytest.mark.parametrize("task, obs, message", [
+    ("gym:CartPole-v1", "state", "action space is Discrete(2); PlaNet needs a bounded continuous action space"),
+    ("gym:Pendelum-v1", "pixels", "unknown Gymnasium env gym:Pendelum-v1 (Environment `Pendelum` doesn't exist"),
+    ("gym:tests.gym_envs:PlanetTest/NoRender-v0", "pixels", "cannot render rgb_array pixels"),
+    ("gym:tests.gym_envs:PlanetTest/HumanOnly-v0", "pixels", "its render modes are ['human']; learning from pixels"),
+    ("gym:tests.gym_envs:PlanetTest/ImageObservation-v0", "state",
+     "its observation space is Box(0, 255, (8, 8, 3), uint8); --obs state needs a flat Box"),
+    ("cartpole-swingup", "vectors", "unknown observation 'vectors'; known: pixels, state"),
 ])
-def test_clear_errors(task, message):
+def test_clear_errors(task, obs, message):
     with pytest.raises(ValueError) as error:
-        parse_task(task)
+        check_task(task, obs)
     assert message in str(error.value) and "\n" not in str(error.value)
 
 

@@ -16,9 +16,8 @@ import torch
 
 import conftest  # noqa: F401  Puts the repository on sys.path when this file runs as a script.
 from agent import Agent, play_episode, planner_policy, random_policy
-from model import WorldModel
 from config import Config
-from train import update
+from train import build_model, update
 from utils import (BatchPrefetcher, ReplayBuffer, open_loop_errors, preprocess_observation,
                    set_seed_everywhere)
 from wrappers import make_env
@@ -99,8 +98,9 @@ def learn(seed=0):
     """Fit the world model on random episodes, measure it on held-out ones. -> a dict."""
     set_seed_everywhere(seed)
     train, held_out = collect_random(TRAIN_EPISODES, seed), collect_random(HELD_OUT_EPISODES, seed + 1)
-    model = WorldModel(1, CONFIG.belief_size, CONFIG.state_size, CONFIG.hidden_size, CONFIG.cnn_depth,
-                       CONFIG.reward_hidden_size).eval()
+    env = make_env(TASK)
+    model = build_model(CONFIG, env).eval()
+    env.close()
     untrained = open_loop_errors(model, held_out, CONFIG.horizon, bit_depth=CONFIG.bit_depth)
     buffer = ReplayBuffer(CONFIG.chunk_length, seed=seed)
     for episode in train:

@@ -153,14 +153,15 @@ def independent_loss(model, obs, actions, rewards, free_nats, reward_scale):
     for t in range(steps):
         belief, state, prior, posterior = step(rssm, belief, state, actions[t], embeds[t])
         feature = torch.cat([state, belief], -1)
-        image = image - Normal(model.observation_model(feature), 1.0).log_prob(obs[t]).sum((1, 2, 3)).mean()
+        dims = tuple(range(1, obs[t].dim()))  # Each pixel, or each dimension of a vector.
+        image = image - Normal(model.observation_model(feature), 1.0).log_prob(obs[t]).sum(dims).mean()
         reward = reward - Normal(model.reward_model(feature), 1.0).log_prob(rewards[t]).mean()
         kl.append(kl_divergence(posterior, prior).sum(-1))
     kl = torch.stack(kl)
     image, reward = image / steps, reward / steps
     kl_free = torch.clamp(kl - free_nats, min=0).mean()
-    return image + reward_scale * reward + kl_free, {"image": image, "reward": reward, "kl": kl.mean(),
-                                                     "kl_free": kl_free}
+    return image + reward_scale * reward + kl_free, {model.observation_model.name: image, "reward": reward,
+                                                     "kl": kl.mean(), "kl_free": kl_free}
 
 
 @pytest.mark.parametrize("variant", MODELS)
@@ -177,6 +178,23 @@ def test_loss_matches_independent_computation(variant, free_nats):
         torch.testing.assert_close(terms[name], value.detach(), rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(total, expected_total, rtol=1e-5, atol=1e-4)
     assert terms["image"] > 64 * 64 * 3 * 0.5 * math.log(2 * math.pi)  # Nats, constant included.
+
+
+def test_loss_from_states_is_a_unit_gaussian_on_the_vector():
+    """--obs state: the same loss with the MLPs, the observation term summed over the vector's 7
+    dimensions; a vector is not bit-reduced, so the term can fall below the constant."""
+    model = WorldModel(2, **TINY_MODEL, obs_size=7, embed_size=16)
+    torch.manual_seed(1)
+    obs, actions, rewards = torch.randn(6, 3, 7), torch.rand(6, 3, 2) * 2 - 1, torch.randn(6, 3)
+    torch.manual_seed(2)
+    total, terms = model.loss(obs, actions, rewards, free_nats=0.0, reward_scale=10.0)
+    torch.manual_seed(2)
+    expected_total, expected = independent_loss(model, obs, actions, rewards, 0.0, 10.0)
+    assert set(expected) <= set(terms) and "image" not in terms
+    for name, value in expected.items():
+        torch.testing.assert_close(terms[name], value.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(total, expected_total, rtol=1e-5, atol=1e-5)
+    assert terms["observation"] > 7 * 0.5 * math.log(2 * math.pi)
 
 
 def test_free_nats_gate_the_kl_gradient_for_prior_and_posterior(tiny_model):

@@ -188,6 +188,23 @@ def test_grid_trains_each_variant_and_plot_draws_them(tmp_path):
     assert again.returncode == 0 and "4 finished before" in again.stderr
 
 
+def test_a_gymnasium_task_from_pixels_and_states_sweeps_and_plots(tmp_path):
+    args = ("--tasks", "gym:Pendulum-v1", "--seeds", "0", "--local-workers", "2", "--grid", "obs=pixels,state")
+    result = sweep(tmp_path, *args, extra=["--embed-size", "16"])
+    assert result.returncode == 0, result.stderr
+    for obs in ("pixels", "state"):
+        run_dir = tmp_path / "sweep" / "gym:Pendulum-v1" / f"obs={obs}" / "seed0"
+        assert_trained(run_dir, "gym:Pendulum-v1", 0, 3)
+        assert json.loads((run_dir / "config.json").read_text())["obs"] == obs
+    plotted = subprocess.run([sys.executable, "plot.py", str(tmp_path / "sweep"), "--out", str(tmp_path / "plots"),
+                              "--episodes", "3"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert plotted.returncode == 0, plotted.stderr
+    rows = [line for line in plotted.stdout.split("## Runs")[0].splitlines() if line.startswith("| gym:")]
+    assert sorted(row.split(" | ")[0] for row in rows) == ["| gym:Pendulum-v1 (obs=pixels)",
+                                                           "| gym:Pendulum-v1 (obs=state)"]
+    assert (tmp_path / "plots" / "learning_curves.png").stat().st_size > 0
+
+
 @pytest.mark.parametrize("grid, message", [
     ("foo=1", "train.py has no setting --foo"),
     ("seed=1,2", "--seed is not a setting a variant can differ in; use --tasks and --seeds"),
