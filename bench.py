@@ -136,7 +136,7 @@ def project_run(config, model, env, episodes_left, device):
     as that many single calls. -> (seconds per trained episode, seconds in all, the parts)."""
     model = copy.deepcopy(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, eps=config.adam_epsilon)
-    decisions = -(-config.max_episode_length // config.action_repeat)
+    decisions = -(-config.max_episode_length // env.action_repeat)
     buffer = build_replay(config, device, env.state_sizes)
     buffer.add(random_episode(env, config.chunk_length + 1, np.random.default_rng(0)))  # Either alignment.
     with torch.random.fork_rng(devices=[]):  # The batch's noise, the updates' and CEM's draws.

@@ -13,7 +13,7 @@ import torch
 from agent import captured_cem_plan, cem_plan, compiled_rollout_returns, rollout_returns
 from model import GRU_CELLS, INITS, MODELS, STATE_HEADS
 from utils import resolve_device
-from wrappers import OBSERVATIONS, check_task, default_action_repeat, parse_task
+from wrappers import OBSERVATIONS, check_task, default_action_repeat, parse_task, task_list
 
 POSITIVE = ("episodes", "seed_episodes", "collect_interval", "batch_size", "chunk_length",
             "max_episode_length", "buffer_capacity", "horizon", "iterations", "candidates",
@@ -34,7 +34,8 @@ class Config:
     """Every setting of a run. Defaults are the official code's (paper Appendix A)."""
 
     task: str = option("cheetah-run", "dm_control task as domain-task, e.g. cartpole-swingup, cup-catch; "
-                       "or gym:ID, a registered Gymnasium env, e.g. gym:Pendulum-v1")
+                       "or gym:ID, a registered Gymnasium env, e.g. gym:Pendulum-v1; several, "
+                       "comma-separated, or all (the paper's six of Figure 6) train one agent on them all")
     obs: str = option("pixels", "what the agent sees: pixels (64x64 images, the paper's) or state "
                       "(the env's observation vector, with MLP encoder and decoder)")
     seed: int = option(0, "seed of the environments, the models and the replay sampling")
@@ -42,11 +43,12 @@ class Config:
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
     # Schedule.
     episodes: int = option(1000, "total episodes to collect, seed episodes included")
-    seed_episodes: int = option(5, "episodes with uniform random actions before training")
+    seed_episodes: int = option(5, "episodes with uniform random actions before training, per task")
     collect_interval: int = option(100, "model updates (C) before each collected episode")
     batch_size: int = option(50, "sequences per update (B)")
     chunk_length: int = option(50, "steps per sequence (L)")
-    action_repeat: int = option(0, "physics steps per action; 0: the paper's value for the task")
+    action_repeat: int = option(0, "physics steps per action; 0: the paper's value for the task (in a "
+                                "multi-task run, for each task)")
     max_episode_length: int = option(1000, "environment steps per episode")
     action_noise: float = option(0.3, "std of the Gaussian exploration noise when collecting")
     collect: str = option("planner", "how episodes after the seed episodes are collected: planner "
@@ -126,6 +128,15 @@ class Config:
     preset: str = option("", "a named set of defaults from PRESETS, e.g. small (flags given with it win)")
 
     @property
+    def tasks(self):
+        """The run's tasks: one, or several for one agent (`task_list`)."""
+        return task_list(self.task)
+
+    def repeat_of(self, task):
+        """The action repeat of one of the run's tasks."""
+        return self.action_repeat or default_action_repeat(task)
+
+    @property
     def planner(self):
         """The keyword arguments of `cem_plan`."""
         compiled = self.compile_planner and not self.capture_planner  # Else compiled whole, or not.
@@ -170,17 +181,20 @@ PRESETS = {
 def apply_preset(given):
     """The flags given, on top of the defaults of `--preset NAME[,NAME...]` (applied in turn), which
     it logs. A preset's value may be a dict by dm_control `(domain, task)`: the task's entry, or
-    nothing for another task. Raises ValueError for an unknown preset or task."""
+    nothing for another task or for a multi-task run, whose tasks keep their own (it says so).
+    Raises ValueError for an unknown preset or task."""
     names = [name for name in given.get("preset", "").split(",") if name]
     unknown = [name for name in names if name not in PRESETS]
     if unknown:
         raise ValueError(f"unknown --preset {', '.join(unknown)}; known presets: {', '.join(PRESETS)}")
-    task = parse_task(given.get("task", Config.task))
+    tasks = [parse_task(task) for task in task_list(given.get("task", Config.task))]
     settings = {}
     for name in names:
-        chosen = {key: value.get(task) if isinstance(value, dict) else value
-                  for key, value in PRESETS[name].items()}
-        chosen = {key: value for key, value in chosen.items() if value is not None}
+        by_task = {key: value for key, value in PRESETS[name].items() if isinstance(value, dict)}
+        if len(tasks) > 1 and by_task:
+            logging.info("preset %s: in a multi-task run each task keeps its own %s", name, ", ".join(by_task))
+        chosen = {key: value.get(tasks[0]) if len(tasks) == 1 else None for key, value in by_task.items()}
+        chosen = {key: value for key, value in {**PRESETS[name], **chosen}.items() if value is not None}
         overridden = sorted(set(chosen) & set(given))
         logging.info("preset %s: %s%s", name, ", ".join(f"{key}={value}" for key, value in chosen.items()),
                      f" (overridden by flags: {', '.join(overridden)})" if overridden else "")
@@ -263,10 +277,14 @@ def parse_args(argv=None):
         parser.error("--collect must be planner or random")
     if config.top_candidates > config.candidates:
         parser.error("--top-candidates must not exceed --candidates")
-    config.action_repeat = config.action_repeat or default_action_repeat(config.task)
+    if len(config.tasks) > 1 and config.state_heads != "none":
+        parser.error("a multi-task run has no state heads: its tasks' states differ (the official code "
+                     "keeps only the image and the reward, 0c6f7d3 scripts/configs.py:103-113)")
+    if len(config.tasks) == 1:  # A multi-task run keeps 0: each task its own.
+        config.action_repeat = config.repeat_of(config.task)
     # Outgoing rewards make each chunk from one more stored step (`build_replay`).
     stored = config.chunk_length + (config.reward_alignment == "outgoing")
-    if stored > config.max_episode_length // config.action_repeat + 1:
+    if any(stored > config.max_episode_length // config.repeat_of(task) + 1 for task in config.tasks):
         parser.error("--chunk-length is longer than an episode")
     return config, resume or run_dir, bool(resume)
 

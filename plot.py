@@ -13,6 +13,8 @@ recursively for them) and writes, under `--out`:
 
 Runs of a task whose settings differ (e.g. a sweep with `--grid model=rssm,ssm,gru`) are variants:
 each gets its own curve and row, named by the settings that differ, such as `model=ssm`.
+A multi-task run (Figure 6) gives each of its tasks a curve, against that task's own episodes and
+env steps, beside the single-task runs of the task: the variant `agent=multi-task (...)`.
 
 Runs still training or that died are included up to where they got and marked `partial`.
 """
@@ -32,6 +34,7 @@ import numpy as np
 from matplotlib.ticker import FuncFormatter
 
 from config import Config
+from wrappers import default_action_repeat, task_list
 
 # Table 1 of the paper: PlaNet after 1000 episodes (5 seeds x 10 test episodes) and D4PG from pixels
 # after 100,000 episodes. The order is the paper's.
@@ -120,21 +123,38 @@ def read_metrics(path):
     return records
 
 
-def read_run(run_dir):
+def read_runs(run_dir):
+    """The `Run` of a run directory, or one per task of a multi-task run."""
     path = run_dir / "config.json"
     try:
         config = json.loads(path.read_text())
-        task, seed, target = config["task"], int(config["seed"]), int(config["episodes"])
-        seed_episodes = int(config.get("seed_episodes", 5))
-    except (OSError, ValueError, TypeError, KeyError) as error:
+        tasks, seed, target = task_list(config["task"]), int(config["seed"]), int(config["episodes"])
+        seed_episodes = int(config.get("seed_episodes", 5)) * len(tasks)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:
         raise ValueError(f"{path} is not a train.py config ({type(error).__name__}: {error})") from None
     records = read_metrics(run_dir / "metrics.jsonl")
-    tests = [(r["episodes"], r["env_steps"], r["test/return"]) for r in records if "test/return" in r]
-    random_returns = [r["train/return"] for r in records
-                      if r["episodes"] <= seed_episodes and "train/return" in r]
-    settings = {**dataclasses.asdict(Config()), **config}
-    return Run(run_dir, task, seed, target, records[-1]["episodes"] if records else 0, tests, random_returns,
-               settings)
+    settings = {**dataclasses.asdict(Config()), **config, "agent": "single-task"}
+    if len(tasks) == 1:
+        tests = [(r["episodes"], r["env_steps"], r["test/return"]) for r in records if "test/return" in r]
+        random_returns = [r["train/return"] for r in records
+                          if r["episodes"] <= seed_episodes and "train/return" in r]
+        return [Run(run_dir, tasks[0], seed, target, records[-1]["episodes"] if records else 0, tests,
+                    random_returns, settings)]
+    runs = []
+    for task in tasks:  # Its own episodes (the tasks take turns) and env steps.
+        episodes, tests, random_returns = 0, [], []
+        for r in records:
+            if f"train/return/{task}" in r:
+                episodes += 1
+                if r["episodes"] <= seed_episodes:
+                    random_returns.append(r[f"train/return/{task}"])
+            if f"test/return/{task}" in r:
+                tests.append((episodes, r.get(f"env_steps/{task}", 0), r[f"test/return/{task}"]))
+        runs.append(Run(run_dir, task, seed, len(range(tasks.index(task), target, len(tasks))), episodes, tests,
+                        random_returns, {**settings, "task": task,
+                                         "action_repeat": config.get("action_repeat") or default_action_repeat(task),
+                                         "agent": f"multi-task ({config['task']})"}))
+    return runs
 
 
 def random_level(runs):
@@ -310,7 +330,7 @@ def main(argv=None):
     if args.episodes < 1:
         parser.error("--episodes must be at least 1")
     try:
-        by_task = group_by_task([read_run(run_dir) for run_dir in find_run_dirs(args.log_dirs)])
+        by_task = group_by_task([run for run_dir in find_run_dirs(args.log_dirs) for run in read_runs(run_dir)])
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         report = score_report(by_task, args.episodes)

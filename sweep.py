@@ -44,7 +44,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from config import RESUME_MAY_CHANGE, Config
 from config import parse_args as parse_train_args
 from utils import read_jsonl
-from wrappers import PAPER_TASKS, parse_task
+from wrappers import PAPER_TASKS, parse_task, task_list
 
 TRAIN = Path(__file__).resolve().parent / "train.py"
 PAPER_SEEDS = (0, 1, 2, 3, 4)
@@ -359,7 +359,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      usage="%(prog)s [options] [-- train.py flags]")
     parser.add_argument("--tasks", nargs="+", default=list(PAPER_TASKS),
-                        help="dm_control tasks as domain-task (default: the paper's six)")
+                        help="tasks as train.py's --task (default: the paper's six); `all` or `a,b` is "
+                             "one multi-task run")
     parser.add_argument("--seeds", nargs="+", type=int, default=list(PAPER_SEEDS),
                         help="seeds of each task (default: 0 1 2 3 4)")
     parser.add_argument("--grid", nargs="+", default=[], metavar="KEY=V1,V2",
@@ -388,7 +389,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     for task in args.tasks:
         try:
-            parse_task(task)
+            for name in task_list(task):  # `all`, or `a,b`: one multi-task run.
+                parse_task(name)
         except ValueError as error:
             parser.error(str(error))
     args.tasks, args.seeds = list(dict.fromkeys(args.tasks)), list(dict.fromkeys(args.seeds))

@@ -4,7 +4,8 @@ Plays noise-free episodes with the CEM planner, using the run's config and lates
 Up to `--parallel` episodes run together: one env per worker process, and one batched CEM call
 for all of their beliefs at every step. `--random` plays uniform random actions on the same
 episodes instead: the baseline that the planner's returns are compared with. `--video` writes
-them as an MP4 (or a GIF with `--gif`), the episodes played at once side by side.
+them as an MP4 (or a GIF with `--gif`), the episodes played at once side by side. A multi-task run
+plays each of its tasks, or the one that `--task` names, and writes a video per task.
 """
 import argparse
 import contextlib
@@ -17,7 +18,7 @@ import torch
 
 from agent import Agent, RandomAgent, episode_frames, play_episodes
 from config import read_config
-from train import build_env, load_run, test_seeds
+from train import build_env, load_run, padded_action_size, test_seeds
 from utils import keep_freed_memory, resolve_device, set_seed_everywhere
 from video import episode_mosaic, write_gif, write_video
 from wrappers import make_parallel_envs
@@ -40,6 +41,7 @@ def main(argv=None):
     parser.add_argument("--gif", action="store_true", help="with --video: an animated GIF instead")
     parser.add_argument("--out", default=None,
                         help="with --video: its path (default: RUN_DIR/test_episodes.mp4, or .gif)")
+    parser.add_argument("--task", default=None, help="of a multi-task run: play this task only")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     args = parser.parse_args(argv)
     if args.episodes < 1 or args.parallel < 1:
@@ -54,12 +56,16 @@ def main(argv=None):
             config, model, checkpoint = read_config(args.run_dir), None, None
         else:
             config, model, checkpoint = load_run(args.run_dir, device)
+        tasks = config.tasks if args.task is None else [args.task]
+        if not set(tasks) <= set(config.tasks):
+            raise ValueError(f"the run's tasks are {', '.join(config.tasks)}, not {args.task}")
         frames = args.video or args.render  # From states, frames rendered beside them.
         if frames and config.obs == "state":
             with contextlib.closing(build_env(config, frames=True)):
                 pass  # Raises ValueError when the env cannot render.
     except ValueError as error:
         sys.exit(f"error: {error}")
+    multi, action_size = len(config.tasks) > 1, padded_action_size(config)
     seed = config.seed if args.seed is None else args.seed
     set_seed_everywhere(seed)
     on_frames = None
@@ -77,27 +83,45 @@ def main(argv=None):
                      config.task, checkpoint["counters"]["episodes"], checkpoint["counters"]["env_steps"],
                      args.episodes, seed)
     parallel = min(args.parallel, args.episodes)
+    means = []
+    for task in tasks:
+        # Task k of a multi-task run starts where the run's tests did: after k tasks' episodes.
+        first_seed = config.tasks.index(task) * args.episodes
+        with contextlib.closing(make_parallel_envs(task, parallel, config.repeat_of(task), config.max_episode_length,
+                                                   config.obs, frames, action_size)) as envs:
+            returns, video = play(envs, model, config, args, seed, first_seed, on_frames, device)
+        name = f"{task}: " if multi else ""
+        print(f"{name}mean return {np.mean(returns):.1f} +- {np.std(returns):.1f} over {len(returns)} episodes",
+              flush=True)
+        means.append(np.mean(returns))
+        if args.video:
+            out = Path(args.out or Path(args.run_dir) / f"test_episodes.{'gif' if args.gif else 'mp4'}")
+            out = out.with_stem(f"{out.stem}_{task}") if multi else out
+            (write_gif if args.gif else write_video)(out, video)
+            print(out)
+    if len(tasks) > 1:
+        print(f"mean over the {len(tasks)} tasks: {np.mean(means):.1f}")
+
+
+def play(envs, model, config, args, seed, first_seed, on_frames, device):
+    """`args.episodes` episodes in rounds of the parallel `envs` -> their returns (printed as they
+    end) and, with --video, the frames of each round's episodes side by side."""
+    parallel = envs.num_envs
+    if args.random:
+        agent = RandomAgent(envs.single_action_space.shape[0], np.random.default_rng(seed), parallel)
+    else:
+        agent = Agent(model, config.planner, config.bit_depth, batch_size=parallel, plan=config.plan(device))
     returns, video = [], []
-    with contextlib.closing(make_parallel_envs(config.task, parallel, config.action_repeat,
-                                               config.max_episode_length, config.obs, frames)) as envs:
-        if args.random:
-            agent = RandomAgent(envs.single_action_space.shape[0], np.random.default_rng(seed), parallel)
-        else:
-            agent = Agent(model, config.planner, config.bit_depth, batch_size=parallel, plan=config.plan(device))
-        for first in range(0, args.episodes, parallel):
-            # The last round may need fewer episodes; its spare envs play and are left out.
-            episodes = play_episodes(envs, agent, test_seeds(seed, first, parallel), on_frames)
-            for episode in episodes[:args.episodes - first]:
-                returns.append(float(episode["reward"].sum()))
-                print(f"episode {len(returns)}: return {returns[-1]:.1f}", flush=True)
-            if args.video:  # Each round's episodes in a row, the rounds one after the other.
-                shown = episodes[:args.episodes - first]
-                video += episode_mosaic([episode_frames(episode) for episode in shown], tiles=parallel)
-    print(f"mean return {np.mean(returns):.1f} +- {np.std(returns):.1f} over {len(returns)} episodes")
-    if args.video:
-        out = Path(args.out or Path(args.run_dir) / f"test_episodes.{'gif' if args.gif else 'mp4'}")
-        (write_gif if args.gif else write_video)(out, video)
-        print(out)
+    for first in range(0, args.episodes, parallel):
+        # The last round may need fewer episodes; its spare envs play and are left out.
+        episodes = play_episodes(envs, agent, test_seeds(seed, first_seed + first, parallel), on_frames)
+        for episode in episodes[:args.episodes - first]:
+            returns.append(float(episode["reward"].sum()))
+            print(f"episode {len(returns)}: return {returns[-1]:.1f}", flush=True)
+        if args.video:  # Each round's episodes in a row, the rounds one after the other.
+            shown = episodes[:args.episodes - first]
+            video += episode_mosaic([episode_frames(episode) for episode in shown], tiles=parallel)
+    return returns, video
 
 
 if __name__ == "__main__":

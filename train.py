@@ -40,10 +40,29 @@ VIDEO_FRAMES = 100  # Of the first test episode, logged to TensorBoard as a GIF 
 DAY = 24 * 3600  # Seconds: a projected run longer than this on a CPU is worth a warning.
 
 
-def build_env(config, seed=0, frames=False, max_episode_length=None):
-    """The run's env (`make_env`) with the given seed, seen as the run sees it."""
-    return make_env(config.task, seed, config.action_repeat, max_episode_length or config.max_episode_length,
-                    config.obs, frames)
+def build_env(config, seed=0, frames=False, max_episode_length=None, task=None, action_size=None):
+    """The env of one of the run's tasks (the first by default) with the given seed, seen as the run
+    sees it (`make_env`)."""
+    task = task or config.tasks[0]
+    return make_env(task, seed, config.repeat_of(task), max_episode_length or config.max_episode_length,
+                    config.obs, frames, action_size)
+
+
+def padded_action_size(config):
+    """The action size of a multi-task run, its widest task's (`build_envs`); None for one task."""
+    if len(config.tasks) == 1:
+        return None
+    envs = [build_env(config, task=task) for task in config.tasks]
+    for env in envs:
+        env.close()
+    return max(env.action_size for env in envs)
+
+
+def build_envs(config, seed=0):
+    """One env per task of the run; in a multi-task run each takes the widest task's actions
+    (`TaskEnv.pad_actions`), so that one model and one planner serve them all."""
+    size = padded_action_size(config)
+    return [build_env(config, seed, task=task, action_size=size) for task in config.tasks]
 
 
 def build_model(config, env):
@@ -64,9 +83,10 @@ def build_replay(config, device, state_sizes=None):
     if config.state_heads != "none":
         keys += tuple(STATE_PREFIX + key for key in state_sizes)
     length = config.chunk_length + (config.reward_alignment == "outgoing")
+    by_episode = len(config.tasks) > 1  # Each task its share of the chunks (`ReplayBuffer`).
     if config.replay_on_device:
-        return DeviceReplayBuffer(length, config.buffer_capacity, config.seed, device, keys)
-    return ReplayBuffer(length, config.buffer_capacity, config.seed, keys)
+        return DeviceReplayBuffer(length, config.buffer_capacity, config.seed, device, keys, by_episode)
+    return ReplayBuffer(length, config.buffer_capacity, config.seed, keys, by_episode)
 
 
 # --- Reading runs back. Each raises ValueError with a one-line reason. ---
@@ -102,9 +122,10 @@ def load_run(run_dir, device):
     """The config, the model (in eval mode) and the checkpoint of a run, e.g. one still training."""
     config = read_config(run_dir)
     set_matmul_precision(device, config.tf32)
-    env = build_env(config)
-    model = build_model(config, env).to(device)
-    env.close()
+    envs = build_envs(config)
+    model = build_model(config, envs[0]).to(device)
+    for env in envs:
+        env.close()
     checkpoint = read_checkpoint(run_dir, config, model, device)
     model.eval()
     return config, model, checkpoint
@@ -193,32 +214,35 @@ def test_seeds(seed, first_index, count):
     return [derive_seed(seed, TEST_SEED_OFFSET, first_index + i) for i in range(count)]
 
 
-def test(model, envs, config, first_index, run_dir, state_sizes):
+def test(model, envs, config, first_index, run_dir):
     """Noise-free planner episodes in the parallel `envs`, one each, saved from `first_index` on.
-    Returns the metrics (returns and the model's open-loop errors, see `open_loop_errors`); an
-    image `(3, H, W)` of the first episode's open-loop prediction: a strip of ground truth (top)
-    over prediction (bottom), or from states a plot of each dimension (named from `state_sizes`);
-    and the episode's first `VIDEO_FRAMES` frames `(T, 3, 64, 64)`, or None from states without."""
+    -> the episodes."""
     agent = Agent(model, config.planner, config.bit_depth, batch_size=envs.num_envs,
                   plan=config.plan(next(model.parameters()).device))
     episodes = play_episodes(envs, agent, test_seeds(config.seed, first_index, envs.num_envs))
     for i, episode in enumerate(episodes):
         save_episode(Path(run_dir) / "episodes" / "test", first_index + i, episode)
+    return episodes
+
+
+def return_metrics(episodes, suffix=""):
     returns = np.array([episode["reward"].sum() for episode in episodes])
-    metrics = {"test/return": float(returns.mean()), "test/return_std": float(returns.std())}
-    # Whether the model can plan yet: open-loop predictions over the planner's horizon.
-    errors = open_loop_errors(model, episodes, config.horizon, bit_depth=config.bit_depth,
-                              reward_offset=int(config.reward_alignment == "outgoing"))
-    metrics.update({f"test/{name}": value for name, value in errors.items()})
-    truth, prediction = open_loop_prediction(model, episodes[0], context=5, length=50,
-                                             bit_depth=config.bit_depth)
+    return {f"test/return{suffix}": float(returns.mean()), f"test/return_std{suffix}": float(returns.std())}
+
+
+def prediction_media(model, episode, config, state_sizes):
+    """What TensorBoard shows of a test episode: an image `(3, H, W)` of its open-loop prediction,
+    a strip of ground truth (top) over prediction (bottom), or from states a plot of each dimension
+    (named from `state_sizes`); and its first `VIDEO_FRAMES` frames `(T, 3, 64, 64)`, or None from
+    states without frames."""
+    truth, prediction = open_loop_prediction(model, episode, context=5, length=50, bit_depth=config.bit_depth)
     if config.obs == "pixels":
         image = np.concatenate([np.concatenate(list(frames[::5]), axis=2) for frames in (truth, prediction)],
                                axis=1)
     else:
         image = state_plot(truth, prediction, 5, state_labels(state_sizes)).transpose(2, 0, 1)
-    frames = episode_frames(episodes[0])
-    return metrics, image, None if frames is None else frames[:VIDEO_FRAMES]
+    frames = episode_frames(episode)
+    return image, None if frames is None else frames[:VIDEO_FRAMES]
 
 
 def make_run_dir(config):
@@ -244,15 +268,17 @@ class EpisodeProgress:
     episode and a step by the rest over the episode's steps, `share` being the part of the last
     iteration's time that its updates took (a half before the first is measured)."""
 
-    def __init__(self, total, done, steps_per_episode):
+    def __init__(self, total, done):
         self.bar = tqdm(total=total, initial=done, unit="episode", dynamic_ncols=True,
                         bar_format="{l_bar}{bar}| {n:.1f}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]")
-        self.steps_per_episode = steps_per_episode
+        self.steps_per_episode = 1
         self.share, self.current_share, self.steps = 0.5, 0.0, 0
         self.status = {}
 
-    def start(self, with_updates):
+    def start(self, with_updates, steps_per_episode):
+        """An iteration starts: with updates or not, then an episode of `steps_per_episode` frames."""
         self.current_share, self.steps = (self.share if with_updates else 0.0), 0
+        self.steps_per_episode = steps_per_episode
 
     def updated(self, done, count):
         self.bar.update(self.current_share / count)
@@ -280,6 +306,12 @@ class EpisodeProgress:
 class Workspace:
     """Everything a run holds: envs, model, optimizer, replay buffer, counters, generators, logs.
 
+    A multi-task run (Sec. 5, Figure 6) has one env per task, all with the widest task's actions,
+    one model and one replay buffer: after `--seed-episodes` random episodes of each, taken in
+    turn, it collects the tasks in turn, one episode after each C updates, and tests every task.
+    The official code collects one episode of every task after each 6 C updates (0c6f7d3
+    `scripts/configs.py:199-214`): the same episodes per update.
+
     After each episode: its file, then its metrics line and TensorBoard points, then the
     checkpoint. A resumed run rolls back to the checkpoint: what was written after it (an episode,
     a metrics line, TensorBoard points) is set aside or dropped, and happens again.
@@ -291,17 +323,19 @@ class Workspace:
         set_matmul_precision(self.device, config.tf32)
         set_seed_everywhere(config.seed)
         self.rng = np.random.default_rng(config.seed)  # Seed episodes' random actions.
-        self.env = build_env(config, config.seed)
-        self.test_envs = None  # Worker processes, started at the first test.
-        self.model = build_model(config, self.env).to(self.device).eval()
+        self.envs = build_envs(config, config.seed)
+        self.test_envs = {}  # By task: worker processes, started at the first test.
+        self.model = build_model(config, self.envs[0]).to(self.device).eval()
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.learning_rate,
                                           eps=config.adam_epsilon)
         self.loss_fn = compile_loss(self.model, self.device) if config.compile_update else None
-        self.buffer = build_replay(config, self.device, self.env.state_sizes)
+        self.buffer = build_replay(config, self.device, self.envs[0].state_sizes)
         # The batches' dequantisation noise: a stream of its own, apart from torch's global one.
         self.batch_noise = torch.Generator(self.device).manual_seed(derive_seed(config.seed, BATCH_NOISE_TAG))
         self.agent = Agent(self.model, config.planner, config.bit_depth, plan=config.plan(self.device))
         self.counters = {"episodes": 0, "env_steps": 0, "updates": 0, "test_episodes": 0}
+        if len(self.envs) > 1:  # Each task's own, the x axis of its curve (plot.py).
+            self.counters.update({f"env_steps/{task}": 0 for task in config.tasks})
         if resume:
             self.restore()
         write_json(self.run_dir / "config.json", dataclasses.asdict(config))  # --episodes may be new.
@@ -320,7 +354,7 @@ class Workspace:
             "rng": {**global_rng_state(), "actions": self.rng.bit_generator.state,
                     "replay": self.buffer.rng.bit_generator.state,
                     "batch_noise": self.batch_noise.get_state(), "device": self.device.type,
-                    "env": pack_random_state(self.env.get_rng_state())},
+                    "envs": [pack_random_state(env.get_rng_state()) for env in self.envs]},
         }
         data = io.BytesIO()
         torch.save(state, data)  # In memory first, so that a full disk fails as an OSError below.
@@ -360,7 +394,8 @@ class Workspace:
             logging.warning("resumed on %s from a checkpoint written on %s: reseeded %s; the run goes "
                             "on, but its random draws are no longer those of an unbroken run",
                             self.device.type, rng.get("device", "cpu"), " and ".join(reseeded))
-        self.env.set_rng_state(unpack_random_state(rng["env"]))
+        for env, state in zip(self.envs, rng.get("envs") or [rng["env"]]):  # "env": before multi-task runs.
+            env.set_rng_state(unpack_random_state(state))
         logging.info("resumed %s after %d episodes, %d env steps, %d updates; %d steps in replay",
                      self.run_dir, self.counters["episodes"], self.counters["env_steps"],
                      self.counters["updates"], self.buffer.steps)
@@ -381,18 +416,18 @@ class Workspace:
 
     def train(self):
         config, counters = self.config, self.counters
-        # play_episode shows the reset frame and one after each decision (the last may be short).
-        progress = EpisodeProgress(config.episodes, counters["episodes"],
-                                   -(-config.max_episode_length // config.action_repeat) + 1)
+        progress = EpisodeProgress(config.episodes, counters["episodes"])
         while counters["episodes"] < config.episodes:
             metrics = {}
-            seeding = counters["episodes"] < config.seed_episodes
+            env = self.envs[counters["episodes"] % len(self.envs)]  # The tasks in turn.
+            seeding = counters["episodes"] < config.seed_episodes * len(self.envs)
             trains = not seeding and self.buffer.chunk_count() > 0
             if not seeding and not trains:
                 # Every episode so far ended (terminated) before L steps: nothing to train on yet.
                 logging.warning("no episode in replay holds a chunk of %d steps yet: collecting "
                                 "episode %d before any update", self.buffer.chunk_length, counters["episodes"] + 1)
-            progress.start(with_updates=trains)
+            # play_episode shows the reset frame and one after each decision (the last may be short).
+            progress.start(trains, -(-config.max_episode_length // env.action_repeat) + 1)
             start = time.perf_counter()
             if trains:
                 metrics = train_model(self.model, self.optimizer, self.buffer, config, self.device,
@@ -400,31 +435,25 @@ class Workspace:
                 counters["updates"] += config.collect_interval
             update_seconds = time.perf_counter() - start
             if seeding or config.collect == "random":
-                policy = random_policy(self.env.action_size, self.rng)
+                policy = random_policy(env.action_size, self.rng)
             else:
                 policy = planner_policy(self.agent, config.action_noise)
             start = time.perf_counter()
-            episode = play_episode(self.env, policy, on_frame=progress.stepped)
+            episode = play_episode(env, policy, on_frame=progress.stepped)
             episode_seconds = time.perf_counter() - start
-            metrics["speed/fps"] = self.env.steps / episode_seconds
+            metrics["speed/fps"] = env.steps / episode_seconds
             save_episode(self.run_dir / "episodes" / "train", counters["episodes"], episode)
             self.buffer.add(episode)
             counters["episodes"] += 1
-            counters["env_steps"] += self.env.steps
+            counters["env_steps"] += env.steps
             metrics["train/return"] = float(episode["reward"].sum())
+            if len(self.envs) > 1:
+                counters[f"env_steps/{env.task}"] += env.steps
+                metrics[f"train/return/{env.task}"] = metrics["train/return"]
             # Every test_interval episodes, and after the last: the paper's final score.
-            if counters["episodes"] > config.seed_episodes and (
+            if counters["episodes"] > config.seed_episodes * len(self.envs) and (
                     counters["episodes"] % config.test_interval == 0 or counters["episodes"] == config.episodes):
-                if self.test_envs is None:  # From states, frames for the GIF where the env renders.
-                    self.test_envs = make_parallel_envs(config.task, config.test_episodes, config.action_repeat,
-                                                        config.max_episode_length, config.obs, self.env.renders)
-                test_metrics, image, frames = test(self.model, self.test_envs, config, counters["test_episodes"],
-                                                   self.run_dir, self.env.state_sizes)
-                counters["test_episodes"] += config.test_episodes
-                metrics.update(test_metrics)
-                self.writer.add_image("test/open_loop_prediction", image, counters["env_steps"])
-                if frames is not None:
-                    add_gif(self.writer, "test/episode", episode_mosaic([frames], scale=1), counters["env_steps"])
+                metrics.update(self.test())
             self.log(metrics)
             if counters["episodes"] % config.checkpoint_interval == 0 or counters["episodes"] == config.episodes:
                 self.save()
@@ -433,12 +462,44 @@ class Workspace:
                             update_seconds if trains else 0.0, episode_seconds)
         progress.close()
 
+    def test(self):
+        """`--test-episodes` noise-free planner episodes of each task, played in parallel. -> the
+        metrics: returns (in a multi-task run each task's, `test/return/<task>`, and their mean)
+        and the model's open-loop errors on all of them (`open_loop_errors`); TensorBoard gets each
+        task's open-loop prediction and the GIF of its first episode."""
+        config, counters = self.config, self.counters
+        multi = len(self.envs) > 1
+        metrics, episodes = {}, []
+        for env in self.envs:
+            envs = self.test_envs.get(env.task) or make_parallel_envs(
+                env.task, config.test_episodes, env.action_repeat, config.max_episode_length, config.obs,
+                env.renders, env.action_size if multi else None)  # From states, frames where the env renders.
+            played = test(self.model, envs, config, counters["test_episodes"], self.run_dir)
+            counters["test_episodes"] += len(played)
+            if multi:  # Workers for one task at a time, not tasks x episodes of them.
+                envs.close()
+            else:
+                self.test_envs[env.task] = envs
+            suffix = f"/{env.task}" if multi else ""
+            metrics.update(return_metrics(played, suffix))
+            image, frames = prediction_media(self.model, played[0], config, env.state_sizes)
+            self.writer.add_image("test/open_loop_prediction" + suffix, image, counters["env_steps"])
+            if frames is not None:
+                add_gif(self.writer, "test/episode" + suffix, episode_mosaic([frames], scale=1), counters["env_steps"])
+            episodes += played
+        if multi:  # The official code's score: the mean over tasks (0c6f7d3 `define_summaries.py:112`).
+            metrics["test/return"] = float(np.mean([metrics[f"test/return/{task}"] for task in config.tasks]))
+        # Whether the model can plan yet: open-loop predictions over the planner's horizon.
+        errors = open_loop_errors(self.model, episodes, config.horizon, bit_depth=config.bit_depth,
+                                  reward_offset=int(config.reward_alignment == "outgoing"))
+        metrics.update({f"test/{name}": value for name, value in errors.items()})
+        return metrics
+
     def close(self):
         self.writer.close()
-        self.env.close()
-        if self.test_envs is not None:
-            self.test_envs.close()
-            self.test_envs = None
+        for env in [*self.envs, *self.test_envs.values()]:
+            env.close()
+        self.test_envs = {}
 
     def log(self, metrics):
         for name, value in metrics.items():
@@ -452,10 +513,10 @@ def warn_if_days(workspace):
     paper's take weeks there. The settings stay as they are."""
     from bench import project_run  # bench.py imports this module.
     config, counters = workspace.config, workspace.counters
-    episodes_left = config.episodes - max(counters["episodes"], config.seed_episodes)
+    episodes_left = config.episodes - max(counters["episodes"], config.seed_episodes * len(config.tasks))
     if episodes_left <= 0:
         return
-    per_episode, total, parts = project_run(config, workspace.model, workspace.env, episodes_left,
+    per_episode, total, parts = project_run(config, workspace.model, workspace.envs[0], episodes_left,
                                             workspace.device)
     if total > DAY:
         logging.warning(

@@ -95,14 +95,19 @@ class ReplayBuffer:
 
     Every chunk start is equally likely: a batch draws `B` integers over all valid starts and
     maps them to (episode, offset) with one `searchsorted`, so sampling never scans the episodes.
-    Chunks never cross an episode end and are never padded. When the buffer holds more than
-    `capacity` steps, the oldest episodes leave memory (their files stay on disk).
+    With `by_episode`, each chunk's episode is drawn first, uniformly among those that hold a
+    chunk, then its start: the official loaders' one chunk per episode drawn (0c6f7d3
+    `tools/chunk_sequence.py:49-56`), which a multi-task run needs so that each task gets its share
+    of the chunks whatever its episodes' lengths. Chunks never cross an episode end and are never
+    padded. When the buffer holds more than `capacity` steps, the oldest episodes leave memory
+    (their files stay on disk).
     """
 
-    def __init__(self, chunk_length, capacity=1_000_000, seed=0, keys=REPLAY_KEYS):
+    def __init__(self, chunk_length, capacity=1_000_000, seed=0, keys=REPLAY_KEYS, by_episode=False):
         self.chunk_length = chunk_length
         self.capacity = capacity
         self.keys = tuple(keys)
+        self.by_episode = by_episode
         self.episodes = []
         self.rng = np.random.default_rng(seed)
         self._starts = np.zeros(0, dtype=np.int64)  # Valid chunk starts per episode.
@@ -127,6 +132,10 @@ class ReplayBuffer:
         cumulative = np.cumsum(self._starts)
         if len(cumulative) == 0 or cumulative[-1] == 0:
             raise ValueError(f"no episode holds a chunk of {self.chunk_length} steps yet")
+        if self.by_episode:
+            holding = np.flatnonzero(self._starts)
+            index = holding[self.rng.integers(len(holding), size=batch_size)]
+            return index, self.rng.integers(self._starts[index])
         flat = self.rng.integers(cumulative[-1], size=batch_size)
         index = np.searchsorted(cumulative, flat, side="right")
         return index, flat - (cumulative[index] - self._starts[index])
@@ -150,8 +159,8 @@ class DeviceReplayBuffer(ReplayBuffer):
     rewards `(L, B)`, then any further keys.
     """
 
-    def __init__(self, chunk_length, capacity=1_000_000, seed=0, device="cpu", keys=REPLAY_KEYS):
-        super().__init__(chunk_length, capacity, seed, keys)
+    def __init__(self, chunk_length, capacity=1_000_000, seed=0, device="cpu", keys=REPLAY_KEYS, by_episode=False):
+        super().__init__(chunk_length, capacity, seed, keys, by_episode)
         self.device = torch.device(device)
         self._flat = None  # key -> tensor (capacity, ...), the first `self._used` rows filled.
         self._used = 0

@@ -5,6 +5,7 @@ frames, then predicts the following frames open loop from the executed actions. 
 ground truth | prediction | difference, or with `--gif` an animated GIF (for a README).
 A run from states (`--obs state`) predicts observation vectors: it writes a PNG plot of each
 dimension, true against predicted (`--plot`), and a video of the true frames where the env renders.
+A multi-task run writes one video per task, its name after the file's, or that of `--task`.
 """
 import argparse
 import logging
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 
 from agent import Agent, episode_frames, planner_policy, play_episode
-from train import build_env, load_run, test_seeds
+from train import build_env, load_run, padded_action_size, test_seeds
 from utils import (keep_freed_memory, load_episode, open_loop_prediction, resolve_device,
                    set_seed_everywhere)
 from video import state_plot, write_gif, write_video
@@ -64,6 +65,7 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=None,
                         help="seed of the test episode (default: the run's seed, whose first "
                              "episode starts where that of the run's first test did)")
+    parser.add_argument("--task", default=None, help="of a multi-task run: this task only")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)  # absl set one.
@@ -73,13 +75,24 @@ def main(argv=None):
     try:
         device = resolve_device(args.device)
         config, model, _ = load_run(args.run_dir, device)
+        if args.task is not None and args.task not in config.tasks:
+            raise ValueError(f"the run's tasks are {', '.join(config.tasks)}, not {args.task}")
     except ValueError as error:
         sys.exit(f"error: {error}")
     seed = config.seed if args.seed is None else args.seed
     set_seed_everywhere(seed)
+    tasks = [args.task] if args.task else config.tasks[:1] if args.episode else config.tasks
+    for task in tasks:
+        predict(model, config, args, task, seed, device, suffix=f"_{task}" if len(tasks) > 1 else "")
+
+
+def predict(model, config, args, task, seed, device, suffix):
+    """The video (and from states the plot) of one task, its files' names ending with `suffix`."""
     total = args.context + args.length
-    env = build_env(config, test_seeds(seed, 0, 1)[0],
-                    max_episode_length=min(config.max_episode_length, total * config.action_repeat))
+    # The first episode of the task's part of the run's first test.
+    env = build_env(config, test_seeds(seed, config.tasks.index(task) * config.test_episodes, 1)[0],
+                    max_episode_length=min(config.max_episode_length, total * config.repeat_of(task)),
+                    task=task, action_size=padded_action_size(config))
     env.frames = config.obs == "state" and env.renders  # From states, a frame beside each, for the video.
     labels = state_labels(env.state_sizes)
     if args.episode:
@@ -93,6 +106,7 @@ def main(argv=None):
                  f"--context + --length = {total}")
     truth, prediction = open_loop_prediction(model, episode, args.context, total, config.bit_depth)
     out = Path(args.out or Path(args.run_dir) / f"video_prediction.{'gif' if args.gif else 'mp4'}")
+    out = out.with_stem(out.stem + suffix)
     if config.obs == "pixels":
         frames = video_frames(truth, prediction, args.context)
     else:
@@ -102,7 +116,7 @@ def main(argv=None):
         print(plot)
         frames = episode_frames(episode)
         if frames is None:
-            logging.info("no video: %s renders no frames", config.task)
+            logging.info("no video: %s renders no frames", task)
             return
         frames = observed_frames(frames[:total], args.context)
     (write_gif if args.gif else write_video)(out, frames)

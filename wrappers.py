@@ -48,6 +48,10 @@ DEFAULT_ACTION_REPEAT = 4
 # The paper's short names for dm_control domains.
 DOMAIN_ALIASES = {"cup": "ball_in_cup"}
 PAPER_TASKS = ("cartpole-swingup", "reacher-easy", "cheetah-run", "finger-spin", "cup-catch", "walker-walk")
+# Several tasks in one run (`--task a,b,c`), or by name: the paper's multi-task agent of Sec. 5,
+# Figure 6, on the official code's `tasks: all`, in its order (0c6f7d3 `scripts/configs.py:96-100`).
+MULTI_TASKS = {"all": ("cartpole-balance", "cartpole-swingup", "finger-spin", "cheetah-run", "cup-catch",
+                       "walker-walk")}
 GYM_PREFIX = "gym:"  # `gym:Pendulum-v1`, `gym:Hopper-v5`, or `gym:my_module:MyEnv-v0` (imports my_module).
 # Action repeat of Gymnasium tasks: the paper has none, and the official code's one Gym task,
 # gym_cheetah, repeats 2 in the camera-ready version (0c6f7d3 `scripts/tasks.py:100`) and 1 at HEAD
@@ -131,14 +135,26 @@ def parse_task(name):
     return domain, task
 
 
+def task_list(task):
+    """The tasks of a run: `'cheetah-run'` -> `['cheetah-run']`; `'a,b'` or a name of MULTI_TASKS,
+    e.g. `'all'`, -> the tasks of a multi-task run, in their order."""
+    return list(MULTI_TASKS.get(task, task.split(",")))
+
+
 def check_task(task, obs="pixels"):
-    """`parse_task`'s checks, and that the task can be seen from `obs` (OBSERVATIONS); raises
-    ValueError saying what is missing."""
-    parse_task(task)
+    """`parse_task`'s checks for each of the run's tasks (`task_list`), and that they can be seen
+    from `obs` (OBSERVATIONS); raises ValueError saying what is missing."""
+    tasks = task_list(task)
+    if len(set(tasks)) < len(tasks):
+        raise ValueError(f"--task {task} names a task twice")
     if obs not in OBSERVATIONS:
         raise ValueError(f"unknown observation {obs!r}; known: {', '.join(OBSERVATIONS)}")
-    if task.startswith(GYM_PREFIX):
-        check_gym(task[len(GYM_PREFIX):], obs)
+    if len(tasks) > 1 and obs != "pixels":
+        raise ValueError("a multi-task run learns from pixels: the tasks' state vectors differ in size")
+    for name in tasks:
+        parse_task(name)
+        if name.startswith(GYM_PREFIX):
+            check_gym(name[len(GYM_PREFIX):], obs)
 
 
 def default_action_repeat(task):
@@ -165,6 +181,19 @@ class TaskEnv(gym.Env):
     metadata = {"render_modes": ["rgb_array"]}
     renders = True  # Whether `_render` can draw a frame.
     _steps = 0
+    _own_action_size = None  # With padded actions, the dimensions that the task uses.
+
+    def pad_actions(self, size):
+        """Take actions of `size` dimensions in [-1, 1], of which the task uses its own first and
+        ignores the rest: a multi-task run's action space, the widest of its tasks' (the official
+        `PadActions`, 0c6f7d3 `control/wrappers.py:398-424`; our tasks' bounds are [-1, 1])."""
+        self._own_action_size = self.action_space.shape[0]
+        if size < self._own_action_size:
+            raise ValueError(f"{self.task} has {self._own_action_size} action dimensions, more than {size}")
+        self.action_space = gym.spaces.Box(-1.0, 1.0, (size,), np.float32)
+
+    def _own_action(self, action):
+        return np.asarray(action)[:self._own_action_size]
 
     def _set_observation(self, obs, frames, state_sizes):
         """What `_observe` returns: `(3, size, size)` uint8 frames, or from states a float32 vector
@@ -246,7 +275,7 @@ class DMCEnv(TaskEnv):
         return self._observe(self._state(time_step))
 
     def step(self, action):
-        action = np.clip(action, self._action_low, self._action_high)
+        action = np.clip(self._own_action(action), self._action_low, self._action_high)
         reward, terminated, truncated = 0.0, False, False
         for _ in range(self.action_repeat):
             time_step = self._env.step(action)
@@ -319,7 +348,7 @@ class GymEnv(TaskEnv):
         return self._observe(self._state(observation))
 
     def step(self, action):
-        fraction = (np.clip(action, -1, 1) + 1) / 2
+        fraction = (np.clip(self._own_action(action), -1, 1) + 1) / 2
         action = np.clip(self._action_low + fraction * (self._action_high - self._action_low),
                          self._action_low, self._action_high).astype(self._env.action_space.dtype)
         reward, terminated, truncated = 0.0, False, False
@@ -350,21 +379,27 @@ class GymEnv(TaskEnv):
         self._env.close()
 
 
-def make_env(task, seed=0, action_repeat=None, max_episode_length=1000, obs="pixels", frames=False):
+def make_env(task, seed=0, action_repeat=None, max_episode_length=1000, obs="pixels", frames=False,
+             action_size=None):
     """`GymEnv` for a `gym:ID` task, else `DMCEnv`, seen from `obs` (OBSERVATIONS); from states,
-    `frames` renders each step's frame too, as `info["frame"]`."""
-    env = GymEnv if task.startswith(GYM_PREFIX) else DMCEnv
-    return env(task, seed=seed, action_repeat=action_repeat, max_episode_length=max_episode_length, obs=obs,
+    `frames` renders each step's frame too, as `info["frame"]`. `action_size` pads its actions to
+    that many dimensions (`TaskEnv.pad_actions`)."""
+    kind = GymEnv if task.startswith(GYM_PREFIX) else DMCEnv
+    env = kind(task, seed=seed, action_repeat=action_repeat, max_episode_length=max_episode_length, obs=obs,
                frames=frames)
+    if action_size is not None:
+        env.pad_actions(action_size)
+    return env
 
 
-def make_parallel_envs(task, count, action_repeat=None, max_episode_length=1000, obs="pixels", frames=False):
+def make_parallel_envs(task, count, action_repeat=None, max_episode_length=1000, obs="pixels", frames=False,
+                       action_size=None):
     """`count` copies of the env stepped together, each in its own worker process so that physics
     and rendering use every core. Seed their episodes with `reset(seed=[...])`.
 
     Workers are spawned, not forked: a fork would copy this process's EGL and CUDA state. Nothing
     resets an env behind the caller's back (autoreset off); stepping a finished one is harmless.
     """
-    make = functools.partial(make_env, task, 0, action_repeat, max_episode_length, obs, frames)
+    make = functools.partial(make_env, task, 0, action_repeat, max_episode_length, obs, frames, action_size)
     return gym.vector.AsyncVectorEnv([make] * count, context="spawn",
                                      autoreset_mode=gym.vector.AutoresetMode.DISABLED)

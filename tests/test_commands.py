@@ -216,12 +216,13 @@ def test_test_command_ends_each_episode_where_its_env_ends(run_dir, monkeypatch,
     """Two envs that end at different steps (time limits of 80 and 200 env steps, 10 and 25
     decisions): the first keeps stepping until the second ends, but its episode and its return
     stop at its own end."""
-    def envs_ending_at_80_and_200(task, count, action_repeat, max_episode_length, obs, frames):
+    def envs_ending_at_80_and_200(task, count, action_repeat, max_episode_length, obs, frames, action_size):
         """make_parallel_envs, but the first env's time limit is 80 steps."""
         lengths = [80, max_episode_length]
         assert count == len(lengths)
         return gym.vector.AsyncVectorEnv(
-            [functools.partial(make_env, task, 0, action_repeat, length, obs, frames) for length in lengths],
+            [functools.partial(make_env, task, 0, action_repeat, length, obs, frames, action_size)
+             for length in lengths],
             context="spawn", autoreset_mode=gym.vector.AutoresetMode.DISABLED)
 
     monkeypatch.setattr(test_script, "make_parallel_envs", envs_ending_at_80_and_200)

@@ -205,6 +205,14 @@ def test_a_gymnasium_task_from_pixels_and_states_sweeps_and_plots(tmp_path):
     assert (tmp_path / "plots" / "learning_curves.png").stat().st_size > 0
 
 
+def test_a_multitask_run_is_one_cell_of_a_sweep(tmp_path):
+    result = sweep(tmp_path, "--tasks", "cartpole-swingup,finger-spin", "--seeds", "0", extra=["--seed-episodes", "1"])
+    assert result.returncode == 0, result.stderr
+    records = assert_trained(tmp_path / "sweep" / "cartpole-swingup,finger-spin" / "seed0",
+                             "cartpole-swingup,finger-spin", 0, 3)
+    assert {"test/return/cartpole-swingup", "test/return/finger-spin"} <= records[-1].keys()
+
+
 @pytest.mark.parametrize("grid, message", [
     ("foo=1", "train.py has no setting --foo"),
     ("seed=1,2", "--seed is not a setting a variant can differ in; use --tasks and --seeds"),

@@ -196,8 +196,8 @@ def test_progress_moves_inside_an_iteration(capsys):
     """The bar moves with each update (its share of the iteration's time, a half until measured)
     and each step of the episode, shows which, and ends each episode at its count exactly; a seed
     episode's steps carry the whole episode."""
-    progress = EpisodeProgress(total=10, done=2, steps_per_episode=5)  # 4 decisions and the reset frame.
-    progress.start(with_updates=True)
+    progress = EpisodeProgress(total=10, done=2)
+    progress.start(with_updates=True, steps_per_episode=5)  # 4 decisions and the reset frame.
     for done in range(1, 5):
         progress.updated(done, 4)
     assert progress.bar.n == pytest.approx(2.5)
@@ -206,11 +206,11 @@ def test_progress_moves_inside_an_iteration(capsys):
     assert progress.bar.n == pytest.approx(3.0)
     progress.finish(3, {"train": 1.0}, update_seconds=3.0, episode_seconds=1.0)
     assert progress.bar.n == 3 and progress.share == 0.75
-    progress.start(with_updates=True)
+    progress.start(with_updates=True, steps_per_episode=5)
     progress.updated(1, 1)
     assert progress.bar.n == pytest.approx(3.75)
     progress.finish(4, {})
-    progress.start(with_updates=False)
+    progress.start(with_updates=False, steps_per_episode=5)
     for _ in range(5):
         progress.stepped(None)
     assert progress.bar.n == pytest.approx(5.0)
