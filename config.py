@@ -181,7 +181,8 @@ PRESETS = {
 def apply_preset(given):
     """The flags given, on top of the defaults of `--preset NAME[,NAME...]` (applied in turn), which
     it logs. A preset's value may be a dict by dm_control `(domain, task)`: the task's entry, or
-    nothing for another task or for a multi-task run, whose tasks keep their own (it says so).
+    nothing for another task or for a multi-task run, whose tasks keep their own; nor do state heads
+    apply to a multi-task run (it says so of both).
     Raises ValueError for an unknown preset or task."""
     names = [name for name in given.get("preset", "").split(",") if name]
     unknown = [name for name in names if name not in PRESETS]
@@ -194,6 +195,9 @@ def apply_preset(given):
         if len(tasks) > 1 and by_task:
             logging.info("preset %s: in a multi-task run each task keeps its own %s", name, ", ".join(by_task))
         chosen = {key: value.get(tasks[0]) if len(tasks) == 1 else None for key, value in by_task.items()}
+        if len(tasks) > 1 and "state_heads" in PRESETS[name]:  # As the official multi-task run has none.
+            logging.info("preset %s: a multi-task run has no state heads", name)
+            chosen["state_heads"] = None
         chosen = {key: value for key, value in {**PRESETS[name], **chosen}.items() if value is not None}
         overridden = sorted(set(chosen) & set(given))
         logging.info("preset %s: %s%s", name, ", ".join(f"{key}={value}" for key, value in chosen.items()),

@@ -86,6 +86,19 @@ def test_camera_ready_preset_is_commit_0c6f7d3_by_task(caplog):
     assert (default.action_repeat, default.state_heads, default.reward_alignment) == (4, "none", "incoming")
 
 
+def test_presets_in_a_multitask_run_leave_each_task_its_own(caplog):
+    """camera-ready's cup-catch repeat and its state heads do not apply to a multi-task run, which
+    has none (the official code's); the rest does, and it says so."""
+    with caplog.at_level("INFO"):
+        config, _, _ = parse_args(["--task", "all", "--preset", "small,camera-ready"])
+    assert (config.action_repeat, config.max_episode_length, config.state_heads) == (0, 1000, "none")
+    assert config.repeat_of("cup-catch") == 4 and config.repeat_of("walker-walk") == 2
+    assert (config.reward_alignment, config.planner_discount, config.gru_cell, config.batch_size) == \
+        ("outgoing", 0.99, "block", 16)
+    assert "each task keeps its own action_repeat, max_episode_length" in caplog.text
+    assert "a multi-task run has no state heads" in caplog.text
+
+
 @pytest.mark.parametrize("flag, value", [("--state-heads", "some"), ("--reward-alignment", "next"),
                                          ("--planner-discount", "0"), ("--planner-discount", "1.5")])
 def test_bad_camera_ready_options_are_refused(flag, value, capsys):
