@@ -11,7 +11,7 @@ from test_commands import assert_clean_error, run
 from utils import ReplayBuffer, episode_paths, load_episode
 from wrappers import MULTI_TASKS, check_task, make_env, task_list
 
-TASKS = ("cartpole-swingup", "finger-spin")  # 1 and 2 action dimensions; 25 and 100 decisions of 200 steps.
+TASKS = ("cartpole-swingup", "finger-spin")  # 1 and 2 action dimensions; 10 and 40 decisions of 80 steps.
 
 
 def multi_flags(*extra):
@@ -19,6 +19,7 @@ def multi_flags(*extra):
     flags[flags.index("--task") + 1] = ",".join(TASKS)
     flags[flags.index("--seed-episodes") + 1] = "1"
     flags[flags.index("--episodes") + 1] = "6"
+    flags[flags.index("--max-episode-length") + 1] = "80"
     return [*flags, *extra]
 
 
@@ -86,15 +87,15 @@ def test_the_tasks_take_turns_with_padded_actions_and_resume_in_order(multi_run)
     assert config["task"] == ",".join(TASKS) and config["action_repeat"] == 0  # Each task its own.
     episodes = [load_episode(path) for path in episode_paths(multi_run / "episodes" / "train")]
     assert [task_of(episode) for episode in episodes] == [*TASKS] * 3
-    # 200 env steps: cartpole repeats 8 (25 decisions), finger 2 (100); both take 2-dim actions.
-    assert [len(episode["reward"]) for episode in episodes] == [26, 101] * 3
+    # 80 env steps: cartpole repeats 8 (10 decisions), finger 2 (40); both take 2-dim actions.
+    assert [len(episode["reward"]) for episode in episodes] == [11, 41] * 3
     assert all(episode["action"].shape[1] == 2 for episode in episodes)
     records = [json.loads(line) for line in (multi_run / "metrics.jsonl").read_text().splitlines()]
     assert [r["episodes"] for r in records] == [1, 2, 3, 4, 5, 6]
     assert [[key for key in r if key.startswith("train/return/")] for r in records] == \
         [[f"train/return/{task}"] for task in TASKS * 3]
     assert [r["updates"] for r in records] == [0, 0, 3, 6, 9, 12]  # One seed episode per task.
-    assert (records[-1]["env_steps/cartpole-swingup"], records[-1]["env_steps/finger-spin"]) == (600, 600)
+    assert (records[-1]["env_steps/cartpole-swingup"], records[-1]["env_steps/finger-spin"]) == (240, 240)
 
 
 def test_each_test_plays_every_task_and_logs_each_and_the_mean(multi_run):

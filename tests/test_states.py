@@ -153,22 +153,9 @@ def test_test_and_video_prediction_from_states(state_run, tmp_path):
     assert int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) == 7
 
 
-def test_a_gymnasium_run_from_states(tmp_path):
-    run_dir = tmp_path / "run"
-    flags = state_flags("gym:Pendulum-v1", "--max-episode-length", "40")
-    run("train.py", *flags, "--run-dir", str(run_dir))
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert records[-1]["updates"] == 6 and all(name in records[-1] for name in STATE_DIAGNOSTICS)
-    with np.load(episode_paths(run_dir / "episodes" / "train")[0]) as episode:
-        assert episode["obs"].shape == (21, 3)  # cos, sin, angular velocity; 40 steps of 2.
-        np.testing.assert_array_equal(episode["obs"], episode["state_observation"])
-    assert "mean return" in run("test.py", str(run_dir), "--episodes", "2", "--device", "cpu").stdout
-    out = run("video_prediction.py", str(run_dir), "--context", "2", "--length", "3", "--device", "cpu").stdout
-    assert [Path(line).name for line in out.split()] == ["state_prediction.png", "video_prediction.mp4"]
-
-
 def test_an_env_without_frames_trains_from_states_and_says_what_it_cannot_show(tmp_path):
-    """NoRender-v0 terminates at env step 7: with action repeat 1, 8 stored steps, chunks of 4."""
+    """A Gymnasium env from states, end to end (test_sweep trains Pendulum from states too).
+    NoRender-v0 terminates at env step 7: with action repeat 1, 8 stored steps, chunks of 4."""
     run_dir = tmp_path / "run"
     flags = state_flags(NO_RENDER, "--action-repeat", "1", "--chunk-length", "4")
     run("train.py", *flags, "--run-dir", str(run_dir))
