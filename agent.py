@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
+from capture import CUDAGraphed
 from model import features
 from utils import preprocess_observation
 
@@ -94,23 +95,14 @@ def cem_plan(rssm, reward_model, belief, state, horizon=12, iterations=10, candi
 @functools.cache
 def captured_cem_plan(device_type):
     """`cem_plan` compiled whole, for `--capture-planner`: the I x H rollout steps and the refits
-    become one graph, and on CUDA one CUDA graph (Inductor's `triton.cudagraphs`, which is what
-    `mode="reduce-overhead"` sets), so that a call launches it once instead of some 2,000 small
-    kernels. Random draws stay eager PyTorch's (`fallback_random`), so a seed gives the eager plan
-    up to float rounding. It compiles at the first call for each batch shape."""
-    options = {"fallback_random": True}
+    become one graph whose elementwise ops are fused, and on CUDA that graph is captured as one
+    CUDA graph per batch shape (`capture.CUDAGraphed`), so that a call launches it once instead of
+    some 2,000 small kernels. Random draws stay eager PyTorch's (`fallback_random`), so a seed
+    gives the eager plan up to float rounding. It compiles at the first call for each batch shape."""
     if device_type == "cuda":
-        options["triton.cudagraphs"] = True
-    else:
-        options["post_grad_custom_post_pass"] = BiasAfterMatmul()
-    compiled = torch.compile(cem_plan, dynamic=False, options=options)
-
-    def plan(*args, **kwargs):
-        if device_type == "cuda":  # Each call is a new step: the previous plan has been read.
-            torch.compiler.cudagraph_mark_step_begin()
-        return compiled(*args, **kwargs).clone()
-
-    return plan
+        return CUDAGraphed(torch.compile(cem_plan, dynamic=False, options={"fallback_random": True}))
+    return torch.compile(cem_plan, dynamic=False, options={
+        "fallback_random": True, "post_grad_custom_post_pass": BiasAfterMatmul()})
 
 
 class Agent:

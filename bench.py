@@ -28,7 +28,7 @@ import torch
 
 from agent import Agent, planner_policy, play_episode, play_episodes
 from config import SPEED_PATHS, Config
-from train import build_env, build_model, build_replay, compile_loss, test_seeds, train_model, update
+from train import build_env, build_model, build_replay, gradient_function, test_seeds, train_model, update
 from utils import BatchPrefetcher, keep_freed_memory, resolve_device, set_matmul_precision
 from wrappers import OBSERVATIONS, check_task, default_action_repeat, make_env, make_parallel_envs
 
@@ -94,24 +94,24 @@ def stopwatch(times, name, device):
 
 def bench_update(config, model, optimizer, buffer, device, repeats, warmup):
     """The update step as the training loop runs it (batches prefetched in the background), and
-    its parts: waiting for the batch, forward (the loss), backward + clipping + Adam. Also the
-    cost of making one batch (sampling + transfer + preprocessing) in the foreground."""
+    its parts: waiting for the batch, the gradients (loss and backward, one CUDA graph with
+    --compile-update on CUDA), clipping + Adam. Also the cost of making one batch (sampling +
+    transfer + preprocessing) in the foreground."""
     generator = torch.Generator(device).manual_seed(0)
     batches = iter(BatchPrefetcher(buffer, config.batch_size, 2 * repeats + 2 * warmup, device,
                                    config.bit_depth, generator))
-    loss_fn = compile_loss(model, device) if config.compile_update else model.loss
+    gradients = gradient_function(model, device, config.compile_update)
     model.train()
-    times = {"update": timed(lambda: update(model, optimizer, next(batches), config, 10_000, loss_fn),
+    times = {"update": timed(lambda: update(model, optimizer, next(batches), config, 10_000, gradients),
                              device, repeats, warmup)}
     parts = {}
     for _ in range(repeats + warmup):
         with stopwatch(parts, "sample", device):
             data = next(batches)
-        with stopwatch(parts, "forward", device):
-            loss = loss_fn(*data, config.free_nats, config.reward_scale)[0]
-        with stopwatch(parts, "backward", device):
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+        with stopwatch(parts, "gradients", device):
+            gradients(*data, config.free_nats, config.reward_scale, config.overshooting_distance,
+                      config.overshooting_kl_beta, config.overshooting_reward_scale, config.global_kl_beta, {})
+        with stopwatch(parts, "step", device):
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip_norm)
             optimizer.step()
     model.eval()
@@ -172,15 +172,15 @@ def bench_iteration(config, model, optimizer, buffer, device, updates, episode_s
     env = build_env(config, max_episode_length=episode_steps * config.action_repeat)
     agent = Agent(model, config.planner, config.bit_depth, plan=config.plan(device))
     generator = torch.Generator(device).manual_seed(0)
-    loss_fn = compile_loss(model, device) if config.compile_update else None
+    gradients = gradient_function(model, device, config.compile_update)
     warm = dataclasses.replace(config, collect_interval=min(updates, 3))  # Compiled paths compile.
-    train_model(model, optimizer, buffer, warm, device, generator, 10_000, loss_fn)
+    train_model(model, optimizer, buffer, warm, device, generator, 10_000, gradients)
     play_episode(build_env(config, seed=1, max_episode_length=3 * config.action_repeat),
                  planner_policy(agent, config.action_noise))
     sync(device)
     start = time.perf_counter()
     train_model(model, optimizer, buffer, dataclasses.replace(config, collect_interval=updates),
-                device, generator, 10_000, loss_fn)
+                device, generator, 10_000, gradients)
     play_episode(env, planner_policy(agent, config.action_noise))
     sync(device)
     return time.perf_counter() - start
@@ -273,7 +273,7 @@ def main(argv=None):
         logging.info("update step (B=%d, L=%d) ...", config.batch_size, config.chunk_length)
         updates = bench_update(config, model, optimizer, buffer, device, repeats, warmup)
         for key, name in (("update", "update step"), ("sample", "  waiting for the prefetched batch"),
-                          ("forward", "  forward (loss)"), ("backward", "  backward + clip + Adam"),
+                          ("gradients", "  loss + backward"), ("step", "  clip + Adam"),
                           ("batch", "one batch: sample + transfer + preprocess")):
             results[f"{key}_ms"] = updates[key]["median"]
             rows.append((name, updates[key], "ms"))

@@ -7,6 +7,7 @@ noise, and every few episodes a noise-free test. Everything goes into `<log-dir>
 and a checkpoint after every episode lets a killed run continue where it was.
 """
 import dataclasses
+import functools
 import io
 import logging
 import shutil
@@ -21,6 +22,7 @@ from tqdm import tqdm
 
 from agent import (STATE_PREFIX, Agent, episode_frames, planner_policy, play_episode, play_episodes,
                    random_policy)
+from capture import CapturedGradients
 from config import Config, parse_args, read_config
 from model import WorldModel
 from utils import (REPLAY_KEYS, BatchPrefetcher, DeviceReplayBuffer, ReplayBuffer, append_jsonl,
@@ -133,53 +135,59 @@ def load_run(run_dir, device):
 
 # --- One update and C of them. ---
 
-def compile_loss(model, device):
-    """--compile-update: `model.loss` through `torch.compile`, which also compiles its backward
-    (AOTAutograd). On CUDA both become CUDA graphs (`triton.cudagraphs`, what mode reduce-overhead
-    sets), so that the L-step RSSM unroll launches as a few graphs instead of thousands of small
-    kernels. Random draws stay eager PyTorch's (`fallback_random`): a seed gives the eager loss up
-    to float rounding. Gradient clipping and Adam stay eager: a handful of multi-tensor kernels.
-    Compiles at the first call."""
+def gradient_function(model, device, compile_update=False):
+    """-> `gradients(*loss_args) -> (loss, terms)`, which leaves d loss / d parameters in `.grad`.
+
+    Eager: zero the gradients, `model.loss`, backward. `--compile-update` runs `model.loss`
+    through `torch.compile`, which also compiles its backward (AOTAutograd); random draws stay
+    eager PyTorch's (`fallback_random`), so a seed gives the eager loss up to float rounding. On
+    CUDA the compiled forward and backward are then captured as one CUDA graph per batch shape
+    (`capture.CapturedGradients`): the L-step RSSM unroll, some thousands of small kernels, is one
+    launch. Inductor's layout optimisation stays off there: it turns the decoder's transposed
+    convs channels-last, whose backward cuDNN returns in other strides than Inductor expects
+    (pytorch/pytorch#171622; it failed our device test on an H200). Gradient clipping and Adam
+    stay eager: a handful of multi-tensor kernels. Compiles at the first call."""
+    if not compile_update:
+        return functools.partial(eager_gradients, model, model.loss)
     cuda = torch.device(device).type == "cuda"
-    options = {"fallback_random": True, **({"triton.cudagraphs": True} if cuda else {})}
+    options = {"fallback_random": True, **({"layout_optimization": False} if cuda else {})}
     compiled = torch.compile(model.loss, dynamic=False, options=options)
-
-    def loss(*args):
-        if cuda:  # A new training step: the previous one's backward has run.
-            torch.compiler.cudagraph_mark_step_begin()
-        total, terms = compiled(*args)
-        # A CUDA graph's outputs are overwritten by its next replay: keep copies of the terms.
-        return total, {name: value.clone() for name, value in terms.items()}
-
-    return loss
+    if cuda:
+        return CapturedGradients(compiled, model.parameters())
+    return functools.partial(eager_gradients, model, compiled)
 
 
-def update(model, optimizer, batch, config, step, loss_fn=None):
+def eager_gradients(model, loss_fn, *args):
+    model.zero_grad(set_to_none=True)
+    loss, terms = loss_fn(*args)
+    loss.backward()
+    return loss, terms
+
+
+def update(model, optimizer, batch, config, step, gradients=None):
     """Gradient step number `step` (from 0) on a batch of preprocessed chunks `(obs, actions,
-    rewards, *states)` on the model's device, as the replay gives them (`build_replay`), with
-    `model.loss` or `loss_fn` (`compile_loss`). Returns the detached loss terms; no host sync
-    unless --nan-policy skip, which must look at the loss before stepping."""
+    rewards, *states)` on the model's device, as the replay gives them (`build_replay`), its
+    gradients from `gradients` (`gradient_function`; default eager). Returns the detached loss
+    terms; no host sync unless --nan-policy skip, which must look at the loss before stepping."""
     warmup = min(1.0, step / config.warmup_updates) if config.warmup_updates else 1.0
     for group in optimizer.param_groups:
         group["lr"] = config.learning_rate * warmup
     obs, actions, rewards, *states = batch
     if config.reward_alignment == "outgoing":
         obs, actions, rewards, *states = outgoing_reward_chunks(obs, actions, rewards, *states)
-    loss, terms = (loss_fn or model.loss)(obs, actions, rewards, config.free_nats, config.reward_scale,
-                                          config.overshooting_distance, config.overshooting_kl_beta,
-                                          config.overshooting_reward_scale, config.global_kl_beta,
-                                          dict(zip(model.state_models, states)))
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    gradients = gradients or gradient_function(model, obs.device)
+    loss, terms = gradients(obs, actions, rewards, config.free_nats, config.reward_scale,
+                            config.overshooting_distance, config.overshooting_kl_beta,
+                            config.overshooting_reward_scale, config.global_kl_beta,
+                            dict(zip(model.state_models, states)))
     terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip_norm)
-    if config.nan_policy == "skip" and not torch.isfinite(loss + terms["grad_norm"]):
-        optimizer.zero_grad(set_to_none=True)
-    else:
+    # A skipped step leaves the gradients for the next update to overwrite.
+    if config.nan_policy != "skip" or torch.isfinite(loss + terms["grad_norm"]):
         optimizer.step()
     return terms
 
 
-def train_model(model, optimizer, buffer, config, device, generator, first_update, loss_fn=None,
+def train_model(model, optimizer, buffer, config, device, generator, first_update, gradients=None,
                 on_update=None):
     """C updates on batches prefetched in the background, their dequantisation noise drawn from
     `generator`; `on_update(done, C)` after each. Returns their mean terms; raises
@@ -190,7 +198,7 @@ def train_model(model, optimizer, buffer, config, device, generator, first_updat
                               config.bit_depth, generator)
     history = []
     for i, batch in enumerate(batches):
-        history.append(update(model, optimizer, batch, config, first_update + i, loss_fn))
+        history.append(update(model, optimizer, batch, config, first_update + i, gradients))
         if on_update is not None:
             on_update(i + 1, config.collect_interval)
     model.eval()
@@ -328,7 +336,7 @@ class Workspace:
         self.model = build_model(config, self.envs[0]).to(self.device).eval()
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.learning_rate,
                                           eps=config.adam_epsilon)
-        self.loss_fn = compile_loss(self.model, self.device) if config.compile_update else None
+        self.gradients = gradient_function(self.model, self.device, config.compile_update)
         self.buffer = build_replay(config, self.device, self.envs[0].state_sizes)
         # The batches' dequantisation noise: a stream of its own, apart from torch's global one.
         self.batch_noise = torch.Generator(self.device).manual_seed(derive_seed(config.seed, BATCH_NOISE_TAG))
@@ -431,7 +439,7 @@ class Workspace:
             start = time.perf_counter()
             if trains:
                 metrics = train_model(self.model, self.optimizer, self.buffer, config, self.device,
-                                      self.batch_noise, counters["updates"], self.loss_fn, progress.updated)
+                                      self.batch_noise, counters["updates"], self.gradients, progress.updated)
                 counters["updates"] += config.collect_interval
             update_seconds = time.perf_counter() - start
             if seeding or config.collect == "random":

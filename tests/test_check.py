@@ -132,8 +132,8 @@ def test_projection_of_a_paper_run():
 
 
 def test_full_figures_measure_eager_each_path_then_the_chosen_ones(tmp_path, monkeypatch):
-    """Without --quick: eager with every figure, each path alone with its figures, then the paths
-    that passed and were not slower, with the iteration and test figures for the projection."""
+    """Without --quick: eager's update, plan and env, each path alone with its figures, then the
+    paths that passed and were not slower, with the iteration and test figures for the projection."""
     ours = check.Check(tmp_path / "out", deadline=60, device="cuda", quick=False, work_dir=tmp_path / "work")
     ours.summary["correctness"] = {"paths": {path: "passed" for path in check.SPEED_PATHS}}
     commands = []
@@ -149,10 +149,36 @@ def test_full_figures_measure_eager_each_path_then_the_chosen_ones(tmp_path, mon
 
     monkeypatch.setattr(ours, "run", fake_run)
     assert ours.figures(time.monotonic() + 30) == ("ok", None)
-    assert commands[0][commands[0].index("--figures") + 1:] == ["update", "plan", "env", "iteration", "test"]
+    assert commands[0][commands[0].index("--figures") + 1:] == ["update", "plan", "env"]
+    assert commands[-1][commands[-1].index("--figures") + 1:commands[-1].index("--figures") + 5] == [
+        "update", "plan", "iteration", "test"]
     assert [c[-1] for c in commands[1:-1]] == [check.flag(path) for path in check.SPEED_PATHS]
     chosen = [path for path in check.SPEED_PATHS if path != "bf16"]
     assert commands[-1][-len(chosen):] == [check.flag(path) for path in chosen]
     assert ours.summary["figures"]["chosen"]["speed_paths"] == chosen
     assert ours.summary["projection"]["from"] == chosen
     assert ours.summary["projection"]["cheetah_run_1000_episodes_hours"] == pytest.approx(1.13, abs=0.01)
+
+
+def test_without_a_passed_path_the_projection_comes_from_eager(tmp_path, monkeypatch):
+    """No path passed its tests (as on the H200 on 2026-11-30): eager's update, plan and env,
+    then eager again with the iteration and the test, which the projection uses."""
+    ours = check.Check(tmp_path / "out", deadline=60, device="cuda", quick=False, work_dir=tmp_path / "work")
+    ours.summary["correctness"] = {"paths": {path: "failed" for path in check.SPEED_PATHS}}
+    commands = []
+
+    def fake_run(name, command, seconds):
+        commands.append(command)
+        figures = ["update", "plan", "env"] if name == "bench-eager" else ["update", "plan", "iteration", "test"]
+        assert command[command.index("--figures") + 1:] == figures
+        command[command.index("--json") + 1].write_text(json.dumps(
+            {"speed_paths": [], "update_ms": 132.0, "plan_ms": 69.0, "iteration_s": 27.9,
+             "iteration": {"episode_steps": 250}, "test_steps_per_s": {"parallel": 129.8}}))
+        return "ok", 1.0, ""
+
+    monkeypatch.setattr(ours, "run", fake_run)
+    assert ours.figures(time.monotonic() + 30) == ("ok", None)
+    assert len(commands) == 2
+    assert ours.summary["projection"]["from"] == "eager"
+    assert ours.summary["projection"]["cheetah_run_1000_episodes_hours"] == pytest.approx(
+        (995 * 27.9 + 100 * 2500 / 129.8) / 3600, abs=0.01)

@@ -19,7 +19,7 @@ from agent import cem_plan, rollout_returns
 from conftest import TINY_FLAGS, TINY_MODEL, make_episode
 from model import WorldModel
 from config import Config
-from train import compile_loss, load_run, main as train_main, update
+from train import gradient_function, load_run, main as train_main, update
 from utils import DeviceReplayBuffer, ReplayBuffer, preprocess_observation, set_matmul_precision
 
 pytestmark = pytest.mark.device
@@ -53,8 +53,8 @@ def fixed_batch(action_size=2, steps=3, batch=4, seed=0):
     return obs, actions, rewards
 
 
-# Three calls of a compiled function: on CUDA the first warms up, the second records the CUDA
-# graph and the third replays it, each on new inputs.
+# Three calls of a captured function, each on new inputs: on CUDA the first warms up, captures
+# and replays the CUDA graph (`capture.CUDAGraphed`), and the next two replay it.
 CALLS = 3
 
 
@@ -65,11 +65,11 @@ def update_steps(config, device, weights, seed=0):
     model = WorldModel(2, **TINY_MODEL, model=config.model, bf16=config.bf16).to(device)
     model.load_state_dict(weights)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, eps=config.adam_epsilon)
-    loss_fn = compile_loss(model, device) if config.compile_update else None
+    gradients = gradient_function(model, device, config.compile_update)
     torch.manual_seed(seed)  # The posterior samples' noise (the CUDA generator too).
     for i in range(CALLS):
         batch = [x.to(device) for x in fixed_batch(seed=i)]
-        terms = update(model, optimizer, batch, config, 1000 + i, loss_fn)
+        terms = update(model, optimizer, batch, config, 1000 + i, gradients)
     gradient = torch.cat([p.grad.flatten() for p in model.parameters()]).cpu()
     return {name: float(value) for name, value in terms.items()}, gradient
 

@@ -1,0 +1,133 @@
+"""One CUDA graph per input shape: the speed paths' way to launch thousands of small kernels at once.
+
+PlaNet's planner and update are chains of thousands of small kernels (the RSSM steps one by one,
+12 x 10 of them per CEM call, 50 forward and back per update). Eager, on an H200, the Python and
+launch overhead of each op is the whole cost: 69 ms per CEM call and 132 ms per update, the GPU
+idle nearly all the time (README, Speed). Replaying them as one CUDA graph costs one launch.
+
+We capture by hand (`torch.cuda.graph`) rather than with Inductor's CUDA graph trees
+(`mode="reduce-overhead"`): on torch 2.11 the trees failed an internal assertion on our planner
+(pytorch/pytorch PR #175562 turned it into a warning in later versions), and the capture here
+is small enough to read.
+"""
+from typing import NamedTuple
+
+import torch
+from torch.utils import _pytree as pytree
+
+WARMUP_CALLS = 2  # Before capture: compiling, cuBLAS's workspaces and Triton's tuning happen here.
+
+
+def signature(value):
+    """A leaf of a call's arguments as part of its graph's key: a tensor by its shape, dtype and
+    device (the graph reads its values), anything else (a module, a float) by itself."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), value.dtype, value.device)
+    return value
+
+
+class CUDAGraphed:
+    """`fn(*args, **kwargs)` replayed from a CUDA graph, one per distinct call signature.
+
+    At the first call with a signature the inputs' tensors are copied into static buffers, `fn`
+    runs `WARMUP_CALLS` times on a side stream and is then captured. Each call copies its
+    tensors into the buffers, replays, and returns copies of the outputs (the next replay writes
+    over the graph's own). Everything else in the arguments (modules, numbers) is part of the
+    key, so a graph never sees other weights or settings: parameters are read in place, and
+    optimizer steps and `load_state_dict` update them where the graph reads them.
+
+    Random draws use the default CUDA generator, which graphs replay with fresh numbers: the
+    generator's state is put back after warm-up and capture, so that a seed gives `fn`'s eager
+    draws, call after call.
+
+    `fn` must not sync with the host (no `.item()`, no data-dependent shapes), which capture
+    refuses.
+    """
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.graphs = {}  # key -> Graph.
+
+    def __call__(self, *args, **kwargs):
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        key = (str(spec), tuple(signature(leaf) for leaf in leaves))
+        if key not in self.graphs:
+            self.graphs[key] = self.capture(leaves, spec)
+        graph = self.graphs[key]
+        for static, leaf in zip(graph.inputs, leaves):
+            if isinstance(leaf, torch.Tensor):
+                static.copy_(leaf)
+        graph.graph.replay()
+        self.after_replay(graph)
+        return pytree.tree_map(lambda x: x.detach().clone() if isinstance(x, torch.Tensor) else x, graph.outputs)
+
+    def capture(self, leaves, spec):
+        inputs = [leaf.clone() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
+        device = next(leaf.device for leaf in leaves if isinstance(leaf, torch.Tensor))
+        args, kwargs = pytree.tree_unflatten(inputs, spec)
+        call = lambda: self.fn(*args, **kwargs)
+        rng = torch.cuda.get_rng_state(device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP_CALLS):
+                call()
+                self.before_capture()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: the replay's prefetching thread may copy the next batch meanwhile.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            outputs = call()
+        torch.cuda.set_rng_state(rng, device)
+        return Graph(graph, inputs, outputs, self.captured_state())
+
+    def before_capture(self):
+        """Undo what a warm-up call leaves that the capture must not see (`CapturedGradients`)."""
+
+    def captured_state(self):
+        """What else the capture made that each replay must find in place (`CapturedGradients`)."""
+
+    def after_replay(self, graph):
+        """Put `graph.state` back in place (`CapturedGradients`)."""
+
+
+class Graph(NamedTuple):
+    graph: torch.cuda.CUDAGraph
+    inputs: list  # The static copies of the call's leaves.
+    outputs: object  # What the captured call returned, which each replay overwrites.
+    state: object
+
+
+class CapturedGradients(CUDAGraphed):
+    """`loss_fn(*args) -> (loss, terms)` and `loss.backward()` as one CUDA graph per batch shape:
+    a call leaves the gradients in the parameters' `.grad`, as eager zeroing and backward do.
+
+    The gradients live in the graph's memory, where each replay writes them: a warm-up call's are
+    dropped before capture (else the captured backward would add to them), and each call puts
+    the graph's tensors back in `.grad`, in case something set them to None in between.
+    """
+
+    def __init__(self, loss_fn, parameters):
+        super().__init__(self.loss_and_gradients)
+        self.loss_fn = loss_fn
+        self.parameters = list(parameters)
+
+    def loss_and_gradients(self, *args):
+        loss, terms = self.loss_fn(*args)
+        loss.backward()
+        return loss.detach(), terms
+
+    def capture(self, leaves, spec):
+        self.before_capture()
+        return super().capture(leaves, spec)
+
+    def before_capture(self):
+        for parameter in self.parameters:
+            parameter.grad = None
+
+    def captured_state(self):
+        return [parameter.grad for parameter in self.parameters]
+
+    def after_replay(self, graph):
+        for parameter, gradient in zip(self.parameters, graph.state):
+            parameter.grad = gradient
