@@ -66,10 +66,10 @@ class Config:
                                    "ops, the same function up to float rounding, compiled at the first step")
     # Speed paths for a GPU, each the same function up to float rounding (tests/test_device.py
     # checks it on the device: `python bench.py --check` runs them there); off until shown there.
-    capture_planner: bool = option(False, "torch.compile the whole CEM call, on CUDA as one CUDA "
-                                   "graph (mode reduce-overhead); supersedes --compile-planner")
-    compile_update: bool = option(False, "torch.compile the loss, and so its backward, on CUDA as "
-                                  "CUDA graphs of the whole L-step unroll (mode reduce-overhead)")
+    capture_planner: bool = option(False, "torch.compile the whole CEM call, on CUDA captured as one "
+                                   "CUDA graph per batch size; supersedes --compile-planner")
+    compile_update: bool = option(False, "torch.compile the loss, and so its backward, on CUDA both "
+                                  "captured as one CUDA graph of the whole L-step unroll")
     replay_on_device: bool = option(False, "keep the replay buffer on the device (uint8 frames) and "
                                     "sample batches by indexing there, with no host copy")
     tf32: bool = option(False, "CUDA only: float32 matmuls and convolutions on TF32 tensor cores "
