@@ -44,10 +44,16 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def timed(fn, device, repeats, warmup=1):
-    """Run `fn` `warmup` + `repeats` times; -> the `repeats` wall-clock times in ms."""
-    for _ in range(warmup):
+def timed(fn, device, repeats, warmup=1, first=None):
+    """Run `fn` `warmup` + `repeats` times; -> the `repeats` wall-clock times in ms. The first
+    call's ms go to the list `first` if given: a compiled path's compile (and capture) time."""
+    for i in range(warmup):
+        sync(device)
+        start = time.perf_counter()
         fn()
+        sync(device)
+        if i == 0 and first is not None:
+            first.append(1000 * (time.perf_counter() - start))
     times = []
     for _ in range(repeats):
         sync(device)
@@ -102,8 +108,9 @@ def bench_update(config, model, optimizer, buffer, device, repeats, warmup):
                                    config.bit_depth, generator))
     gradients = gradient_function(model, device, config.compile_update)
     model.train()
+    first = []
     times = {"update": timed(lambda: update(model, optimizer, next(batches), config, 10_000, gradients),
-                             device, repeats, warmup)}
+                             device, repeats, warmup, first), "update_first": first}
     parts = {}
     for _ in range(repeats + warmup):
         with stopwatch(parts, "sample", device):
@@ -124,8 +131,10 @@ def bench_update(config, model, optimizer, buffer, device, repeats, warmup):
 def bench_plan(config, model, device, repeats, warmup):
     belief, state = model.rssm.initial(1, device)
     plan = config.plan(device)
-    return summary(timed(lambda: plan(model.rssm, model.reward_model, belief, state, **config.planner),
-                         device, repeats, warmup))
+    first = []
+    times = timed(lambda: plan(model.rssm, model.reward_model, belief, state, **config.planner),
+                  device, repeats, warmup, first)
+    return summary(times), first[0]
 
 
 def project_run(config, model, env, episodes_left, device):
@@ -145,7 +154,7 @@ def project_run(config, model, env, episodes_left, device):
         update_seconds = timed(lambda: update(model, optimizer, batch, config, config.warmup_updates),
                                device, repeats=1)[0] / 1000
         model.eval()
-        plan_seconds = bench_plan(config, model, device, repeats=1, warmup=1)["median"] / 1000
+        plan_seconds = bench_plan(config, model, device, repeats=1, warmup=1)[0]["median"] / 1000
     per_episode = config.collect_interval * update_seconds + decisions * plan_seconds
     tests = episodes_left // config.test_interval + 1
     total = episodes_left * per_episode + tests * config.test_episodes * decisions * plan_seconds
@@ -277,13 +286,16 @@ def main(argv=None):
                           ("batch", "one batch: sample + transfer + preprocess")):
             results[f"{key}_ms"] = updates[key]["median"]
             rows.append((name, updates[key], "ms"))
+        results["update_first_s"] = updates.pop("update_first")["median"] / 1000
+        rows.append(("first update step (compiles, captures)", summary([results["update_first_s"]]), "s"))
         spread.update(updates)
     if "plan" in args.figures:
         logging.info("CEM planning call (H=%d, I=%d, J=%d, K=%d) ...", config.horizon, config.iterations,
                      config.candidates, config.top_candidates)
-        spread["plan"] = bench_plan(config, model, device, repeats, warmup)
-        results["plan_ms"] = spread["plan"]["median"]
+        spread["plan"], first = bench_plan(config, model, device, repeats, warmup)
+        results["plan_ms"], results["plan_first_s"] = spread["plan"]["median"], first / 1000
         rows.append(("CEM planning call", spread["plan"], "ms"))
+        rows.append(("first CEM call (compiles, captures)", summary([results["plan_first_s"]]), "s"))
     if "env" in args.figures:
         logging.info("environments ...")
         tasks = ENV_TASKS if (config.task, config.obs) == (Config.task, Config.obs) else (config.task,)

@@ -18,5 +18,8 @@ def test_quick_bench_writes_its_json(tmp_path):
     assert set(figures["env_steps_per_s"]) == {"cheetah-run", "cartpole-swingup"}
     assert all(rate > 0 for rate in figures["env_steps_per_s"].values())
     assert figures["update_ms"] > figures["sample_ms"] > 0 and figures["batch_ms"] > 0
+    assert figures["gradients_ms"] > 0 and figures["step_ms"] > 0
+    # The first calls (a compiled path's compile time) are timed apart from the warm figures.
+    assert figures["update_first_s"] > 0 and figures["plan_first_s"] > 0
     assert set(figures["test_steps_per_s"]) == {"parallel", "sequential"}
     assert all(rate > 0 for rate in figures["test_steps_per_s"].values())
