@@ -148,7 +148,8 @@ def project_run(config, model, env, episodes_left, device):
     decisions = -(-config.max_episode_length // env.action_repeat)
     buffer = build_replay(config, device, env.state_sizes)
     buffer.add(random_episode(env, config.chunk_length + 1, np.random.default_rng(0)))  # Either alignment.
-    with torch.random.fork_rng(devices=[]):  # The batch's noise, the updates' and CEM's draws.
+    cuda = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):  # The batch's noise, the updates' and CEM's draws.
         batch = BatchPrefetcher(buffer, config.batch_size, 1, device, config.bit_depth).batch()
         model.train()
         update_seconds = timed(lambda: update(model, optimizer, batch, config, config.warmup_updates),

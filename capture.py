@@ -20,9 +20,12 @@ WARMUP_CALLS = 2  # Before capture: compiling, cuBLAS's workspaces and Triton's 
 
 def signature(value):
     """A leaf of a call's arguments as part of its graph's key: a tensor by its shape, dtype and
-    device (the graph reads its values), anything else (a module, a float) by itself."""
+    device (the graph reads its values), a module by itself and its mode, anything else (a
+    float) by itself."""
     if isinstance(value, torch.Tensor):
         return ("tensor", tuple(value.shape), value.dtype, value.device)
+    if isinstance(value, torch.nn.Module):
+        return value, value.training
     return value
 
 
@@ -62,24 +65,31 @@ class CUDAGraphed:
         return pytree.tree_map(lambda x: x.detach().clone() if isinstance(x, torch.Tensor) else x, graph.outputs)
 
     def capture(self, leaves, spec):
-        inputs = [leaf.clone() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
+        inputs = [leaf.detach().clone() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
         device = next(leaf.device for leaf in leaves if isinstance(leaf, torch.Tensor))
         args, kwargs = pytree.tree_unflatten(inputs, spec)
         call = lambda: self.fn(*args, **kwargs)
-        rng = torch.cuda.get_rng_state(device)
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(WARMUP_CALLS):
-                call()
-                self.before_capture()
-        torch.cuda.current_stream(device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: the replay's prefetching thread may copy the next batch meanwhile.
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            outputs = call()
-        torch.cuda.set_rng_state(rng, device)
-        return Graph(graph, inputs, outputs, self.captured_state())
+        with torch.cuda.device(device):  # The generator that capture registers is this device's.
+            rng = torch.cuda.get_rng_state(device)
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(WARMUP_CALLS):
+                    call()
+                    self.before_capture()
+            torch.cuda.current_stream(device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            # A stream of its own: on torch 2.13 destroying a graph frees the cuBLAS workspace of
+            # its capture stream, which graphs captured on the same (default) stream still use
+            # (pytorch/pytorch#193402). thread_local: the replay's prefetching thread may copy the
+            # next batch meanwhile, on its own stream and pool.
+            stream = torch.cuda.Stream(device)
+            try:
+                with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
+                    outputs = call()
+            finally:
+                torch.cuda.set_rng_state(rng, device)
+        return Graph(graph, stream, inputs, outputs, self.captured_state())
 
     def before_capture(self):
         """Undo what a warm-up call leaves that the capture must not see (`CapturedGradients`)."""
@@ -93,6 +103,7 @@ class CUDAGraphed:
 
 class Graph(NamedTuple):
     graph: torch.cuda.CUDAGraph
+    stream: torch.cuda.Stream  # Its capture stream, kept as long as the graph.
     inputs: list  # The static copies of the call's leaves.
     outputs: object  # What the captured call returned, which each replay overwrites.
     state: object
