@@ -97,8 +97,8 @@ def captured_cem_plan(device_type):
     """`cem_plan` for `--capture-planner`. On CUDA: the whole call, I x H rollout steps and the
     refits, captured as one CUDA graph per batch shape (`capture.CUDAGraphed`), so that a call
     launches it once instead of some 3,000 small kernels; its rollout compiled
-    (`compiled_rollout_returns`, which fuses each step's elementwise ops and compiles in a tenth of
-    the time of the whole call). On a CPU, which has no graphs to capture: the whole call through
+    (`compiled_rollout_returns`, which fuses each step's elementwise ops: Dynamo unrolls its H
+    steps, not the whole call's I x H). On a CPU, which has no graphs to capture: the whole call through
     `torch.compile`. Random draws stay eager PyTorch's (`fallback_random`), so a seed gives the
     eager plan up to float rounding. It compiles at the first call for each batch shape."""
     if device_type == "cuda":
