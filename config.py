@@ -83,13 +83,10 @@ class Config:
     # Model.
     model: str = option("rssm", "transition model: rssm (PlaNet), ssm (stochastic only) or gru "
                         "(deterministic only), the designs of Sec. 5, Figure 4")
-    # The official code's GRU and initialisation (both versions). Chosen over PyTorch's by measuring:
-    # test_learning's margins held, and 3 small-preset seeds on cartpole-swingup scored no worse at
-    # equal episodes (README, Results).
-    gru_cell: str = option("block", "the RSSM's GRU: block (the official TensorFlow GRUBlockCell: "
-                           "reset gate before the recurrent product) or torch (nn.GRUCell)")
-    init: str = option("glorot", "initialisation: glorot (the official TensorFlow default: "
-                       "Glorot-uniform kernels, zero biases) or torch (PyTorch's defaults)")
+    gru_cell: str = option("torch", "the RSSM's GRU: torch (nn.GRUCell) or block (the official "
+                           "TensorFlow GRUBlockCell: reset gate before the recurrent product)")
+    init: str = option("torch", "initialisation: torch (PyTorch's defaults) or glorot (the official "
+                       "TensorFlow default: Glorot-uniform kernels, zero biases)")
     belief_size: int = option(200, "GRU belief size (deterministic state h; unused by the ssm)")
     state_size: int = option(30, "stochastic state size (s)")
     hidden_size: int = option(200, "hidden layer size of the transition model")
@@ -296,17 +293,12 @@ def parse_args(argv=None):
     return config, resume or run_dir, bool(resume)
 
 
-# Settings whose default changed, with the value that a config.json written before they existed
-# meant: runs made before these flags used nn.GRUCell and PyTorch's initialisation.
-LEGACY_DEFAULTS = {"gru_cell": "torch", "init": "torch"}
-
-
 def read_config(run_dir):
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise ValueError(f"{run_dir} is not a run directory: it has no config.json")
     try:
-        saved = {**LEGACY_DEFAULTS, **json.loads(path.read_text())}
+        saved = json.loads(path.read_text())
         return Config(**{f.name: saved[f.name] for f in dataclasses.fields(Config) if f.name in saved})
     except (ValueError, TypeError) as error:
         raise ValueError(f"{path} is not a valid config: {error}") from None

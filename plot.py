@@ -33,7 +33,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import FuncFormatter
 
-from config import LEGACY_DEFAULTS, Config
+from config import Config
 from wrappers import default_action_repeat, task_list
 
 # Table 1 of the paper: PlaNet after 1000 episodes (5 seeds x 10 test episodes) and D4PG from pixels
@@ -133,7 +133,7 @@ def read_runs(run_dir):
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:
         raise ValueError(f"{path} is not a train.py config ({type(error).__name__}: {error})") from None
     records = read_metrics(run_dir / "metrics.jsonl")
-    settings = {**dataclasses.asdict(Config()), **LEGACY_DEFAULTS, **config, "agent": "single-task"}
+    settings = {**dataclasses.asdict(Config()), **config, "agent": "single-task"}
     if len(tasks) == 1:
         tests = [(r["episodes"], r["env_steps"], r["test/return"]) for r in records if "test/return" in r]
         random_returns = [r["train/return"] for r in records

@@ -112,7 +112,7 @@ def test_train_writes_the_run_directory(run_dir):
     counters = checkpoint["counters"]
     assert (counters["episodes"], counters["env_steps"], counters["updates"]) == (4, 800, 6)
     assert checkpoint["optimizer"]["state"], "Adam moments are saved"
-    assert "rssm.gru.gates.weight" in checkpoint["model"]  # The official GRU, by default.
+    assert "rssm.gru.weight_hh" in checkpoint["model"]
 
 
 def test_train_logs_tensorboard(run_dir):
@@ -354,7 +354,7 @@ def test_bad_run_directories(script, run_dir, tmp_path):
 
 VARIANTS = {  # Name -> (flags, a flag that a resumed run must refuse to change).
     "ssm": (["--model", "ssm"], ["--model", "rssm"]),
-    "gru": (["--model", "gru", "--gru-cell", "torch", "--init", "torch"], ["--model", "rssm"]),
+    "gru": (["--model", "gru"], ["--model", "rssm"]),
     "camera-ready": (["--preset", "camera-ready", "--overshooting-reward-scale", "100",
                       "--global-kl-beta", "0.1"], ["--state-heads", "none"]),
 }
@@ -402,14 +402,14 @@ def test_each_model_variant_trains_resumes_tests_and_predicts(variant, tmp_path)
                                            + terms["overshooting_kl"] + options, abs=0.02)  # float32 near 1e4.
     checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert checkpoint["config"]["model"] == ("rssm" if camera_ready else variant)
-    assert checkpoint["config"]["gru_cell"] == ("torch" if variant == "gru" else "block")
+    assert checkpoint["config"]["gru_cell"] == ("block" if camera_ready else "torch")
     assert checkpoint["config"]["reward_alignment"] == ("outgoing" if camera_ready else "incoming")
     # It went on from the checkpoint's weights and Adam: 3 more updates at the warm-up's learning
     # rate (at most 2.5e-5) moved the marked bias by far less than 1e-3.
     torch.testing.assert_close(checkpoint["model"][marked], saved["model"][marked], rtol=0, atol=1e-3)
     assert {int(state["step"]) for state in checkpoint["optimizer"]["state"].values()} == {6}
     assert ("rssm.gru.weight_hh" in checkpoint["model"]) == (variant == "gru")
-    assert ("rssm.gru.gates.weight" in checkpoint["model"]) == (variant == "camera-ready")
+    assert ("rssm.gru.gates.weight" in checkpoint["model"]) == camera_ready
     assert ("reward_model.net.6.bias" in checkpoint["model"]) != camera_ready  # 2 hidden layers, not 3.
     assert "mean return" in run("test.py", str(run_dir), "--episodes", "1", "--device", "cpu").stdout
     out = tmp_path / "prediction.gif"

@@ -1,6 +1,5 @@
 """Flag parsing and the update step of train.py, in process."""
 import dataclasses
-import json
 
 import pytest
 import torch
@@ -9,7 +8,7 @@ from conftest import TINY_MODEL, make_episode
 
 TINY_ARGS = [arg for name, value in TINY_MODEL.items() for arg in ("--" + name.replace("_", "-"), str(value))]
 from model import WorldModel
-from config import PRESETS, Config, parse_args, read_config
+from config import PRESETS, Config, parse_args
 from train import EpisodeProgress, Workspace, build_replay, update, warn_if_days
 from utils import BatchPrefetcher, ReplayBuffer, write_json
 
@@ -183,14 +182,10 @@ def test_overshooting_distance_one_is_refused(capsys):
         assert "--overshooting-distance must be 0 (off) or at least 2" in capsys.readouterr().err
 
 
-def test_official_gru_and_init_are_the_defaults_and_pytorchs_an_option(capsys, tmp_path):
-    config = parse_args(["--gru-cell", "torch", "--init", "torch"])[0]
-    assert (config.gru_cell, config.init) == ("torch", "torch")
-    assert (Config().gru_cell, Config().init) == ("block", "glorot")
-    # A run made before the flags existed used PyTorch's: its config.json resumes as it was.
-    (tmp_path / "config.json").write_text(json.dumps({"task": "cartpole-swingup", "seed": 3}))
-    assert (read_config(tmp_path).gru_cell, read_config(tmp_path).init, read_config(tmp_path).seed) == \
-        ("torch", "torch", 3)
+def test_official_gru_and_init_are_options(capsys):
+    config = parse_args(["--gru-cell", "block", "--init", "glorot"])[0]
+    assert (config.gru_cell, config.init) == ("block", "glorot")
+    assert (Config().gru_cell, Config().init) == ("torch", "torch")
     for flag, value, message in (("--gru-cell", "lstm", "--gru-cell must be one of torch, block"),
                                  ("--init", "orthogonal", "--init must be one of torch, glorot")):
         with pytest.raises(SystemExit):
