@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from agent import Agent, planner_policy, play_episode, play_episodes
-from config import SPEED_PATHS, Config
+from config import SPEED_PATHS, Config, apply_preset
 from train import build_env, build_model, build_replay, gradient_function, test_seeds, train_model, update
 from utils import BatchPrefetcher, keep_freed_memory, resolve_device, set_matmul_precision
 from wrappers import OBSERVATIONS, check_task, default_action_repeat, make_env, make_parallel_envs
@@ -227,6 +227,8 @@ def main(argv=None):
     parser.add_argument("--task", default=Config.task,
                         help="the task whose env, action size and episode length are measured, as train.py's")
     parser.add_argument("--obs", default=Config.obs, choices=OBSERVATIONS, help="what the agent sees, as train.py's")
+    parser.add_argument("--preset", default="",
+                        help="measure at a preset's settings instead of the paper's, as train.py's, e.g. small")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run at tiny sizes")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per figure (default 7; quick 2)")
@@ -253,15 +255,16 @@ def main(argv=None):
     try:
         device = resolve_device(args.device)
         check_task(args.task, args.obs)
+        settings = apply_preset({"task": args.task, "obs": args.obs, "preset": args.preset,
+                                 "action_repeat": default_action_repeat(args.task)})
     except ValueError as error:
         parser.error(str(error))
     repeats = args.repeats or (2 if args.quick else 7)
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     paths = {name: getattr(args, name) for name in SPEED_PATHS}
-    # The paper's sizes: cheetah-run, B=50, L=50, H=12, I=10, J=1000, K=100.
-    config = Config(task=args.task, obs=args.obs, action_repeat=default_action_repeat(args.task),
-                    compile_planner=args.compile_planner, **paths, **(QUICK if args.quick else {}))
+    # The paper's sizes unless a preset is given: cheetah-run, B=50, L=50, H=12, I=10, J=1000, K=100.
+    config = Config(**{**settings, "compile_planner": args.compile_planner, **paths, **(QUICK if args.quick else {})})
     set_matmul_precision(device, config.tf32)
     # Compiled paths compile at the first call and, on CUDA, record their graphs at the next.
     warmup = 3 if config.compile_update or config.capture_planner else 1
@@ -275,7 +278,7 @@ def main(argv=None):
     results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
                f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
                "torch": torch.__version__, "cuda": torch.version.cuda, "quick": args.quick,
-               "task": config.task, "obs": config.obs,
+               "task": config.task, "obs": config.obs, "preset": config.preset,
                "compile_planner": args.compile_planner, "speed_paths": [name for name, on in paths.items() if on]}
     spread, rows = {}, []  # rows: (name, summary, unit)
 
@@ -327,6 +330,7 @@ def main(argv=None):
 
     flags = [speed_flag(name) for name in results["speed_paths"]] + ["--compile-planner"] * args.compile_planner
     print(f"\n{results['device']}, torch {torch.__version__}, {config.task} from {config.obs}"
+          f"{', preset ' + config.preset if config.preset else ''}"
           f"{', ' + ' '.join(flags) if flags else ', eager'}"
           f"{' (quick: not the benchmark)' if args.quick else ''}")
     print(f"{'figure':42} {'median':>10} {'min':>10} {'max':>10} {'runs':>5}")

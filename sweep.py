@@ -26,7 +26,6 @@ import contextlib
 import dataclasses
 import io
 import itertools
-import json
 import logging
 import os
 import signal
@@ -60,8 +59,8 @@ class Run:
     task: str
     seed: int
     path: Path
-    episodes_flag: int | None  # --episodes among the train.py flags, which overrides the run's config.
     setting: dict = field(default_factory=dict)  # The --grid values of this run's variant.
+    episodes: int = 0  # What its command line trains to (--episodes, its --preset's or its config's).
     status: str = "pending"
     attempts: int = 0
     seconds: float = 0.0  # Wall clock of this sweep's attempts.
@@ -84,13 +83,6 @@ class Run:
     def log(self):
         return self.path / "train.log"
 
-    def target(self):
-        """The episodes this run trains to: --episodes if given, else its config's, else train.py's default."""
-        config = self.path / "config.json"
-        if self.episodes_flag:
-            return self.episodes_flag
-        return json.loads(config.read_text())["episodes"] if config.is_file() else Config.episodes
-
     def progress(self):
         """-> (episodes reached, last test return or None), from metrics.jsonl."""
         records = read_jsonl(self.path / "metrics.jsonl")
@@ -99,7 +91,7 @@ class Run:
 
     def done_before(self):
         """Whether an earlier sweep already trained this run to its target."""
-        return (self.path / "config.json").is_file() and self.progress()[0] >= self.target()
+        return (self.path / "config.json").is_file() and self.progress()[0] >= self.episodes
 
     def record(self, exit_status, seconds, max_retries):
         """Book an attempt that ended with `exit_status` (None: a Ray error, e.g. a lost worker).
@@ -144,18 +136,20 @@ def without_flag(arguments, flag):
     return kept
 
 
-def refusal(run, extra):
-    """train.py's objection to the run's next command line (a typo, a flag that differs from a
-    resumed run's config), or None. Checked before any run starts, with --device cpu: the device
-    is for the machine that trains (and may change on resume)."""
+def train_config(run, extra):
+    """-> (the config of the run's next command line, None), or (None, train.py's objection to it:
+    a typo, a flag that differs from a resumed run's config). Checked before any run starts, with
+    --device cpu: the device is for the machine that trains (and may change on resume)."""
     arguments = [*train_arguments(run, without_flag(extra, "--device"))[1:], "--device", "cpu"]
     message = io.StringIO()
+    logging.disable(logging.INFO)  # A preset's settings, once per run; each run's log has them.
     try:
         with contextlib.redirect_stderr(message):
-            parse_train_args(arguments)
+            return parse_train_args(arguments)[0], None
     except SystemExit:
-        return message.getvalue().strip().splitlines()[-1].split("error: ", 1)[-1]
-    return None
+        return None, message.getvalue().strip().splitlines()[-1].split("error: ", 1)[-1]
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def launch(arguments, log_path, env=None):
@@ -329,7 +323,7 @@ def run_all(runs, launcher, extra, max_retries, bar):
                 queue.appendleft(run)
             else:
                 bar.update()
-        reached, target = sum(run.progress()[0] for run in runs), sum(run.target() for run in runs)
+        reached, target = sum(run.progress()[0] for run in runs), sum(run.episodes for run in runs)
         bar.set_postfix_str(f"{reached}/{target} episodes")
 
 
@@ -345,7 +339,7 @@ def summary_table(runs):
             ["---"] * 7]
     for run in runs:
         episodes, test_return = run.progress()
-        rows.append([run.label, str(run.seed), run.status, f"{episodes}/{run.target()}",
+        rows.append([run.label, str(run.seed), run.status, f"{episodes}/{run.episodes}",
                      "-" if test_return is None else f"{test_return:.1f}", str(run.attempts),
                      time.strftime("%H:%M:%S", time.gmtime(run.seconds))])
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)
@@ -455,10 +449,15 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)  # absl set one.
     root = Path(args.log_dir).absolute() / args.name
     variants = [dict(zip(args.grid, values)) for values in itertools.product(*args.grid.values())]
-    runs = [Run(task, seed, root / task / variant_name(setting) / f"seed{seed}",
-                train_flag(extra, "--episodes", int), setting)
+    runs = [Run(task, seed, root / task / variant_name(setting) / f"seed{seed}", setting)
             for task in args.tasks for setting in variants for seed in args.seeds]
-    refused = [(run, why) for run in runs if (why := refusal(run, extra))]
+    refused = []
+    for run in runs:
+        config, why = train_config(run, extra)
+        if why:
+            refused.append((run, why))
+        else:
+            run.episodes = config.episodes
     if refused:
         run, why = refused[0]
         sys.exit(f"error: train.py refuses the flags of {run.name}"

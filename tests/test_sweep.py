@@ -1,4 +1,5 @@
 """sweep.py end to end: real train.py runs on the CPU, as local subprocesses and as tasks of a local Ray."""
+import dataclasses
 import json
 import os
 import signal
@@ -9,6 +10,7 @@ import time
 import pytest
 import torch
 
+from config import Config
 from conftest import ROOT, TINY_FLAGS
 
 # TINY_FLAGS less --task (the sweep sets it), shrunk further: 10 decisions per episode, one test
@@ -269,3 +271,28 @@ def test_local_runs_share_each_gpu(monkeypatch):
         [{"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "2"}] * 8
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     assert len(sweep.local_slots(workers=3, runs_per_gpu=2, use_gpus=True)) == 3
+
+
+def test_a_run_trains_to_the_episodes_of_its_command_line(tmp_path):
+    """The bar's total and a run's target come from what train.py will do: --episodes, else the
+    --preset's, else the default; on resume the run's own config's, or --episodes given again."""
+    import sweep
+    run = sweep.Run("cartpole-swingup", 0, tmp_path / "seed0")
+    assert sweep.train_config(run, ["--preset", "small-state"])[0].episodes == 40
+    assert sweep.train_config(run, ["--preset", "small-state", "--episodes", "7"])[0].episodes == 7
+    assert sweep.train_config(run, [])[0].episodes == 1000
+    run.path.mkdir()
+    (run.path / "config.json").write_text(json.dumps(dataclasses.asdict(Config(episodes=12))))
+    assert sweep.train_config(run, [])[0].episodes == 12
+    assert sweep.train_config(run, ["--episodes", "20"])[0].episodes == 20
+    assert sweep.train_config(run, ["--batch-size", "3"])[1].startswith("a resumed run keeps its config")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_the_summary_counts_a_presets_episodes(tmp_path):
+    """No --episodes: the target is the preset's 40, not train.py's default 1000 (the run is
+    refused at once by a machine without a GPU, so nothing trains)."""
+    result = subprocess.run([sys.executable, "sweep.py", "--log-dir", str(tmp_path), "--tasks", "cartpole-swingup",
+                             "--seeds", "0", "--", "--preset", "small-state", "--device", "cuda"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert summary(result.stdout)["cartpole-swingup", 0]["episodes"] == "0/40"
