@@ -6,6 +6,8 @@ recursively for them) and writes, under `--out`:
 - `learning_curves.png`: test return against environment steps, one panel per task, the mean over
   seeds with a band of one standard deviation, every seed as a thin line, the paper's PlaNet and
   D4PG scores as dashed lines, and the return of random actions (the seed episodes) as a dotted one;
+- `learning_curves_wall_clock.png`: the same against the wall clock of training (`wall_clock_s` of
+  metrics.jsonl), when every run logs it;
 - `scores.md` (also printed): per task, the score after `--episodes` episodes as mean +- std over
   seeds, where a seed's score is its last test at or before that many episodes, next to the
   paper's PlaNet score and the random actions' return; then every run with the episodes it
@@ -25,6 +27,7 @@ import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import matplotlib
 
@@ -46,7 +49,7 @@ PAPER_SCORES = {
     "cup-catch": {"PlaNet": 930, "D4PG": 980},
     "walker-walk": {"PlaNet": 951, "D4PG": 968},
 }
-NUMBERS = ("episodes", "env_steps", "test/return")  # The fields of metrics.jsonl that plot.py reads.
+NUMBERS = ("episodes", "env_steps", "test/return", "wall_clock_s")  # The fields of metrics.jsonl that plot.py reads.
 BASELINE_STYLE = {"PlaNet": ("tab:red", "PlaNet, paper (1000 episodes)"),
                   "D4PG": ("tab:gray", "D4PG, paper (pixels, 100k episodes)")}
 # Settings that tell runs apart without changing the method: never what makes a variant.
@@ -55,6 +58,18 @@ NOT_A_VARIANT = ("seed", "log_dir", "device", "episodes", "nan_policy", "compile
                  "bf16")
 VARIANT_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink",
                   "tab:olive", "tab:cyan")
+
+
+class Test(NamedTuple):
+    episodes: int
+    env_steps: int
+    test_return: float
+    wall_clock_s: float | None  # Seconds of training so far; None in a run from before it was logged.
+
+
+# The x-axes of the curves: {name: (label, tick formatter, scale from the field)}.
+AXES = {"env_steps": ("environment steps (action repeat included)", "steps", 1),
+        "wall_clock_s": ("wall clock of training (minutes; tests included)", None, 1 / 60)}
 
 
 @dataclass
@@ -66,7 +81,7 @@ class Run:
     seed: int
     target: int  # The episodes the run was asked for (config.json).
     reached: int = 0  # The episodes it has logged.
-    tests: list = field(default_factory=list)  # (episodes, env_steps, test return), in order.
+    tests: list = field(default_factory=list)  # `Test`s, in order.
     random_returns: list = field(default_factory=list)  # Of the seed episodes: uniform random actions.
     settings: dict = field(default_factory=dict)  # config.json, with the defaults of settings it lacks.
     variant: str = ""  # The settings that set it apart from the task's other runs, e.g. "model=ssm".
@@ -77,7 +92,7 @@ class Run:
 
     def score(self, episodes):
         """(episodes, return) of the last test at or before `episodes`, or None."""
-        done = [(e, r) for e, _, r in self.tests if e <= episodes]
+        done = [(test.episodes, test.test_return) for test in self.tests if test.episodes <= episodes]
         return done[-1] if done else None
 
 
@@ -135,7 +150,8 @@ def read_runs(run_dir):
     records = read_metrics(run_dir / "metrics.jsonl")
     settings = {**dataclasses.asdict(Config()), **config, "agent": "single-task"}
     if len(tasks) == 1:
-        tests = [(r["episodes"], r["env_steps"], r["test/return"]) for r in records if "test/return" in r]
+        tests = [Test(r["episodes"], r["env_steps"], r["test/return"], r.get("wall_clock_s"))
+                 for r in records if "test/return" in r]
         random_returns = [r["train/return"] for r in records
                           if r["episodes"] <= seed_episodes and "train/return" in r]
         return [Run(run_dir, tasks[0], seed, target, records[-1]["episodes"] if records else 0, tests,
@@ -149,7 +165,8 @@ def read_runs(run_dir):
                 if r["episodes"] <= seed_episodes:
                     random_returns.append(r[f"train/return/{task}"])
             if f"test/return/{task}" in r:
-                tests.append((episodes, r.get(f"env_steps/{task}", 0), r[f"test/return/{task}"]))
+                tests.append(Test(episodes, r.get(f"env_steps/{task}", 0), r[f"test/return/{task}"],
+                                  r.get("wall_clock_s")))
         runs.append(Run(run_dir, task, seed, len(range(tasks.index(task), target, len(tasks))), episodes, tests,
                         random_returns, {**settings, "task": task,
                                          "action_repeat": config.get("action_repeat") or default_action_repeat(task),
@@ -193,14 +210,20 @@ def all_runs(by_task):
 
 # --- The figure. ---
 
-def mean_curve(runs):
-    """Mean and std of test return over runs that have tests, on the union of their test steps.
+def curve(run, axis):
+    """(x, test returns) of a run's tests, x on `axis` (AXES)."""
+    return (np.array([getattr(test, axis) for test in run.tests], float) * AXES[axis][2],
+            np.array([test.test_return for test in run.tests]))
+
+
+def mean_curve(runs, axis="env_steps"):
+    """Mean and std of test return over runs that have tests, on the union of their test x.
     A run counts only between its first and last test (linear in between): a run that stopped
     early is never extrapolated, the mean goes on with the others."""
-    steps = np.unique(np.concatenate([[s for _, s, _ in run.tests] for run in runs]))
+    steps = np.unique(np.concatenate([curve(run, axis)[0] for run in runs]))
     values = np.full((len(runs), len(steps)), np.nan)
     for i, run in enumerate(runs):
-        _, x, y = map(np.array, zip(*run.tests))
+        x, y = curve(run, axis)
         inside = (steps >= x[0]) & (steps <= x[-1])
         values[i, inside] = np.interp(steps[inside], x, y)
     return steps, np.nanmean(values, axis=0), np.nanstd(values, axis=0)
@@ -213,27 +236,27 @@ def steps_label(value, _position):
     return f"{value / 1e3:g}k" if abs(value) >= 1e3 else f"{value:g}"
 
 
-def plot_variant(ax, runs, color, name):
+def plot_variant(ax, runs, color, name, axis):
     """The mean ± std curve of one variant's runs, each seed thin, an x at each partial run's end."""
     tested = [run for run in runs if run.tests]
     if not tested:
         return
-    steps, mean, std = mean_curve(tested)
+    steps, mean, std = mean_curve(tested, axis)
     ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
     ax.plot(steps, mean, color=color, linewidth=2,
             label=f"{name}: mean ± std of {len(tested)} seed{'s' * (len(tested) > 1)}")
     for run in tested:
-        _, x, y = zip(*run.tests)
-        ax.plot(x, y, color=color, linewidth=0.6, alpha=0.4)
+        ax.plot(*curve(run, axis), color=color, linewidth=0.6, alpha=0.4)
     for run in tested:
         if not run.finished:
-            ax.plot(run.tests[-1][1], run.tests[-1][2], "x", color="black", markersize=7)
+            x, y = curve(run, axis)
+            ax.plot(x[-1], y[-1], "x", color="black", markersize=7)
 
 
-def plot_task(ax, task, variants, colors):
+def plot_task(ax, task, variants, colors, axis):
     runs = [run for runs in variants.values() for run in runs]
     for variant, variant_runs in variants.items():
-        plot_variant(ax, variant_runs, colors[variant], variant or "this port")
+        plot_variant(ax, variant_runs, colors[variant], variant or "this port", axis)
     if not any(run.tests for run in runs):
         ax.text(0.5, 0.5, "no test yet", transform=ax.transAxes, ha="center", va="center")
     if any(run.tests and not run.finished for run in runs):
@@ -245,14 +268,16 @@ def plot_task(ax, task, variants, colors):
         ax.axhline(level, color="black", linestyle=":", linewidth=1.2,
                    label=f"random actions (seed episodes): {level:.0f}")
     ax.set_title(f"{task} ({len(runs)} run{'s' * (len(runs) > 1)})")
-    ax.set_xlabel("environment steps (action repeat included)")
+    label, ticks, _ = AXES[axis]
+    ax.set_xlabel(label)
     ax.set_ylabel("test return (mean of noise-free episodes)")
-    ax.xaxis.set_major_formatter(FuncFormatter(steps_label))
+    if ticks == "steps":
+        ax.xaxis.set_major_formatter(FuncFormatter(steps_label))
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize="small")
 
 
-def plot_curves(by_task, path):
+def plot_curves(by_task, path, axis="env_steps"):
     columns = min(3, len(by_task))
     rows = -(-len(by_task) // columns)
     figure, axes = plt.subplots(rows, columns, figsize=(5.5 * columns, 4.2 * rows), squeeze=False,
@@ -261,10 +286,10 @@ def plot_curves(by_task, path):
     names = list(dict.fromkeys(variant for variants in by_task.values() for variant in variants))
     colors = {name: VARIANT_COLORS[i % len(VARIANT_COLORS)] for i, name in enumerate(names)}
     for ax, (task, variants) in zip(axes.flat, by_task.items()):
-        plot_task(ax, task, variants, colors)
+        plot_task(ax, task, variants, colors, axis)
     for ax in axes.flat[len(by_task):]:
         ax.set_visible(False)
-    figure.suptitle("PlaNet learning curves: test return against environment steps")
+    figure.suptitle(f"PlaNet learning curves: test return against {AXES[axis][0].split(' (')[0]}")
     figure.savefig(path, dpi=110)
     plt.close(figure)
 
@@ -326,7 +351,7 @@ def main(argv=None):
                         help="score each seed by its last test at or before this many episodes "
                              "(the paper: 1000)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)  # absl set one.
     if args.episodes < 1:
         parser.error("--episodes must be at least 1")
     try:
@@ -335,11 +360,18 @@ def main(argv=None):
         out.mkdir(parents=True, exist_ok=True)
         report = score_report(by_task, args.episodes)
         (out / "scores.md").write_text(report)
-        plot_curves(by_task, out / "learning_curves.png")
+        written = [out / "learning_curves.png", out / "scores.md"]
+        plot_curves(by_task, written[0])
+        tests = [test for run in all_runs(by_task) for test in run.tests]
+        if tests and all(test.wall_clock_s is not None for test in tests):
+            written.append(out / "learning_curves_wall_clock.png")
+            plot_curves(by_task, written[-1], "wall_clock_s")
+        elif tests:
+            logging.info("no wall-clock curves: some runs do not log wall_clock_s (train.py before it did)")
     except (ValueError, OSError) as error:
         sys.exit(f"error: {error}")
     print(report, end="")
-    logging.info("wrote %s and %s", out / "learning_curves.png", out / "scores.md")
+    logging.info("wrote %s", ", ".join(map(str, written)))
 
 
 if __name__ == "__main__":

@@ -341,7 +341,8 @@ class Workspace:
         # The batches' dequantisation noise: a stream of its own, apart from torch's global one.
         self.batch_noise = torch.Generator(self.device).manual_seed(derive_seed(config.seed, BATCH_NOISE_TAG))
         self.agent = Agent(self.model, config.planner, config.bit_depth, plan=config.plan(self.device))
-        self.counters = {"episodes": 0, "env_steps": 0, "updates": 0, "test_episodes": 0}
+        # wall_clock_s: seconds of training (updates, episodes, tests) that the run has kept.
+        self.counters = {"episodes": 0, "env_steps": 0, "updates": 0, "test_episodes": 0, "wall_clock_s": 0.0}
         if len(self.envs) > 1:  # Each task's own, the x axis of its curve (plot.py).
             self.counters.update({f"env_steps/{task}": 0 for task in config.tasks})
         if resume:
@@ -379,7 +380,8 @@ class Workspace:
             return
         checkpoint = read_checkpoint(self.run_dir, self.config, self.model, self.device)
         self.optimizer.load_state_dict(checkpoint["optimizer"])
-        self.counters = dict(checkpoint["counters"])
+        # A checkpoint written before wall_clock_s existed counts it from this resume.
+        self.counters = {"wall_clock_s": 0.0, **checkpoint["counters"]}
         self._roll_back_files()
         for path in episode_paths(self.run_dir / "episodes" / "train"):
             try:
@@ -426,6 +428,7 @@ class Workspace:
         config, counters = self.config, self.counters
         progress = EpisodeProgress(config.episodes, counters["episodes"])
         while counters["episodes"] < config.episodes:
+            iteration_start = time.perf_counter()
             metrics = {}
             env = self.envs[counters["episodes"] % len(self.envs)]  # The tasks in turn.
             seeding = counters["episodes"] < config.seed_episodes * len(self.envs)
@@ -462,6 +465,7 @@ class Workspace:
             if counters["episodes"] > config.seed_episodes * len(self.envs) and (
                     counters["episodes"] % config.test_interval == 0 or counters["episodes"] == config.episodes):
                 metrics.update(self.test())
+            counters["wall_clock_s"] += time.perf_counter() - iteration_start
             self.log(metrics)
             if counters["episodes"] % config.checkpoint_interval == 0 or counters["episodes"] == config.episodes:
                 self.save()

@@ -18,9 +18,9 @@ def plot(*args):
                           text=True, timeout=300)
 
 
-def write_run(run_dir, task, seed, reached, test_returns, target=TARGET, **settings):
+def write_run(run_dir, task, seed, reached, test_returns, target=TARGET, seconds_per_episode=None, **settings):
     """A run directory as train.py leaves it: config.json (with `settings`), and one metrics line
-    per episode with test/return on the tested episodes."""
+    per episode with test/return on the tested episodes (and wall_clock_s if `seconds_per_episode`)."""
     run_dir.mkdir(parents=True)
     (run_dir / "config.json").write_text(json.dumps(
         {"task": task, "seed": seed, "episodes": target, "action_repeat": 8, "test_interval": 10,
@@ -31,6 +31,8 @@ def write_run(run_dir, task, seed, reached, test_returns, target=TARGET, **setti
                   "test_episodes": 10 * (episode // 10), "train/return": float(episode), "speed/fps": 50.0}
         if episode in test_returns:
             record.update({"test/return": test_returns[episode], "test/return_std": 1.0})
+        if seconds_per_episode:
+            record["wall_clock_s"] = seconds_per_episode * episode
         lines.append(json.dumps(record))
     (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
 
@@ -210,3 +212,28 @@ def test_plots_a_real_training_run(tmp_path):
     assert row[1:4] == [f"{metrics[-1]['test/return']:.1f} ± 0.0", "1", "821"]
     assert row[5] == "1 finished"
     assert_valid_png(tmp_path / "plots" / "learning_curves.png", 400, 350)
+
+
+def test_curves_against_the_wall_clock_when_every_run_logs_it(tmp_path):
+    import plot as plot_module
+    # Seed 0 takes 60 s an episode, seed 1 120 s: tests at 10, 20, 30 episodes.
+    for seed, seconds in ((0, 60), (1, 120)):
+        write_run(tmp_path / "log" / f"seed{seed}", "cartpole-swingup", seed, TARGET,
+                  {10: 100.0 * (seed + 1), 20: 200.0 * (seed + 1), 30: 300.0 * (seed + 1)}, seconds_per_episode=seconds)
+    runs = plot_module.read_runs(tmp_path / "log" / "seed1")
+    assert [test.wall_clock_s for test in runs[0].tests] == [1200, 2400, 3600]
+    both = [run for seed in (0, 1) for run in plot_module.read_runs(tmp_path / "log" / f"seed{seed}")]
+    minutes, mean, _ = plot_module.mean_curve(both, "wall_clock_s")
+    # Seed 0 at 10, 20, 30 minutes; seed 1 at 20, 40, 60 (from 20 minutes on, linear in between).
+    np.testing.assert_allclose(minutes, [10, 20, 30, 40, 60])
+    np.testing.assert_allclose(mean, [100, (200 + 200) / 2, (300 + 300) / 2, 400, 600])
+    out = tmp_path / "plots"
+    result = plot(tmp_path / "log", "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert_valid_png(out / "learning_curves_wall_clock.png", 400, 300)
+    # A run from before train.py logged the wall clock: no such figure, and why.
+    write_run(tmp_path / "old" / "seed2", "cartpole-swingup", 2, TARGET, {10: 5.0})
+    result = plot(tmp_path / "log", tmp_path / "old", "--out", tmp_path / "mixed")
+    assert result.returncode == 0, result.stderr
+    assert not (tmp_path / "mixed" / "learning_curves_wall_clock.png").exists()
+    assert "some runs do not log wall_clock_s" in result.stderr
