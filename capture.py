@@ -3,7 +3,7 @@
 PlaNet's planner and update are chains of thousands of small kernels (the RSSM steps one by one,
 12 x 10 of them per CEM call, 50 forward and back per update). Eager, on an H200, the Python and
 launch overhead of each op is the whole cost: 69 ms per CEM call and 132 ms per update, the GPU
-idle nearly all the time (README, Speed). Replaying them as one CUDA graph costs one launch.
+idle nearly all the time (docs/speed.md). Replaying them as one CUDA graph costs one launch.
 
 We capture by hand (`torch.cuda.graph`) rather than with Inductor's CUDA graph trees
 (`mode="reduce-overhead"`): on torch 2.11 the trees failed an internal assertion on our planner

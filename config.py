@@ -152,8 +152,8 @@ class Config:
 
 # Smaller settings for a machine without a GPU. Each keeps the paper's method (the same model
 # family, loss and CEM planner) and shrinks only what costs time. `small` trains cartpole-swingup
-# for 80 episodes: about 2 h 45 min on 2 CPU cores, from the per-episode times below. README
-# "Results" shows what it reaches and "Learning on a CPU" how its values were chosen.
+# for 80 episodes: about 2 h 45 min on 2 CPU cores, from the per-episode times below. docs/results.md
+# shows what it reaches and, under "Learning on a CPU", how its values were chosen.
 PRESETS = {
     "small": {
         "batch_size": 16,  # B x L = 800 frames per update instead of 2500.
@@ -164,7 +164,7 @@ PRESETS = {
         "episodes": 80,  # Measured alone on 2 cores: 106 s per episode, 124 s per test.
     },
     # Learning from states (`--obs state`) on a CPU, where the CEM call is most of the time: it
-    # scales with J x I x H and the RSSM's widths. Measured on 1 core of the 2-core VM (README
+    # scales with J x I x H and the RSSM's widths. Measured on 1 core of the 2-core VM (docs/results.md,
     # "Learning from states"): with the widths at 200 a CEM call took 320 ms, with 100 86 ms.
     "small-state": {
         "obs": "state",

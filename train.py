@@ -535,7 +535,7 @@ def warn_if_days(workspace):
             "on this CPU one episode will take about %.0f min (%d updates of %.1f s and %d planning "
             "calls of %.2f s, timed just now) and the %d episodes left about %.1f days, tests included. "
             "A GPU takes hours; on a CPU, --preset small learns cartpole-swingup in about 3 hours on 2 cores "
-            "(README, Learning on a CPU). Training goes on with the settings given.",
+            "(docs/results.md, Learning on a CPU). Training goes on with the settings given.",
             per_episode / 60, config.collect_interval, parts["update"], parts["decisions"], parts["plan"],
             episodes_left, total / DAY)
 
