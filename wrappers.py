@@ -26,8 +26,31 @@ os.environ.setdefault("MUJOCO_GL", "egl")  # Headless rendering unless the user 
 import cv2
 import gymnasium as gym
 import numpy as np
-from dm_control import suite
-from dm_control.mujoco.engine import Camera
+
+# What each of MuJoCo's rendering back-ends needs on Debian or Ubuntu.
+RENDERING_NEEDS = {
+    "egl": "the EGL libraries: sudo apt-get install libegl1 libegl-mesa0 libgl1 libgl1-mesa-dri "
+           "(an NVIDIA driver brings its own)",
+    "osmesa": "OSMesa: sudo apt-get install libosmesa6",
+    "glfw": "GLFW and a display: sudo apt-get install libglfw3, and a DISPLAY (or xvfb-run)",
+}
+
+
+def rendering_error(error):
+    """The one line that says what to install when MuJoCo's renderer cannot load."""
+    backend = os.environ["MUJOCO_GL"]
+    need = RENDERING_NEEDS.get(backend, f"one of MUJOCO_GL={', '.join(RENDERING_NEEDS)}")
+    return (f"error: MuJoCo cannot render with MUJOCO_GL={backend} ({type(error).__name__}: {error}); "
+            f"install {need}, or set MUJOCO_GL to another of {', '.join(RENDERING_NEEDS)}")
+
+
+try:
+    from dm_control import suite
+    from dm_control.mujoco.engine import Camera
+except ModuleNotFoundError:
+    raise
+except Exception as error:  # A missing GL library fails deep inside PyOpenGL, at dm_control's import.
+    raise SystemExit(rendering_error(error)) from None
 
 
 class _SkipDeprecatedTotalMass(logging.Filter):

@@ -440,3 +440,29 @@ def test_unknown_model_or_collection_is_refused(tmp_path):
                        "--model must be one of rssm, ssm, gru")
     assert_clean_error(run("train.py", "--collect", "human", "--log-dir", str(tmp_path), check=False),
                        "--collect must be planner or random")
+
+
+# Loaded first by a subprocess that has its folder on PYTHONPATH: the EGL library cannot be found
+# or opened there, as on a machine without it (PyOpenGL loads it through ctypes).
+HIDE_EGL = '''
+import ctypes, ctypes.util
+find_library, load = ctypes.util.find_library, ctypes.CDLL.__init__
+ctypes.util.find_library = lambda name: None if "EGL" in name else find_library(name)
+def refuse_egl(self, name, *args, **kwargs):
+    if name and "libEGL" in str(name):
+        raise OSError(f"{name}: cannot open shared object file: No such file or directory")
+    load(self, name, *args, **kwargs)
+ctypes.CDLL.__init__ = refuse_egl
+'''
+
+
+@pytest.mark.parametrize("command", [["train.py", "--task", "cartpole-swingup"], ["test.py", "log/x"],
+                                     ["video_prediction.py", "log/x"], ["sweep.py"], ["plot.py", "log"],
+                                     ["bench.py", "--quick"]], ids=lambda command: command[0])
+def test_without_the_egl_library_every_command_says_what_to_install(tmp_path, command):
+    (tmp_path / "sitecustomize.py").write_text(HIDE_EGL)
+    result = subprocess.run([sys.executable, str(ROOT / command[0]), *command[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}", "MUJOCO_GL": "egl"})
+    assert_clean_error(result, "error: MuJoCo cannot render with MUJOCO_GL=egl")
+    assert "sudo apt-get install libegl1 libegl-mesa0" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
