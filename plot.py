@@ -5,13 +5,16 @@ recursively for them) and writes, under `--out`:
 
 - `learning_curves.png`: test return against environment steps, one panel per task, the mean over
   seeds with a band of one standard deviation, every seed as a thin line, the paper's PlaNet and
-  D4PG scores as dashed lines, and the return of random actions (the seed episodes) as a dotted one;
+  D4PG scores as dashed lines, the published PlaNet at 100k and 500k steps (CURL, Table 1) as
+  points where the curves reach them, and the return of random actions (the seed episodes) as a
+  dotted line;
 - `learning_curves_wall_clock.png`: the same against the wall clock of training (`wall_clock_s` of
   metrics.jsonl), when every run logs it;
 - `scores.md` (also printed): per task, the score after `--episodes` episodes as mean +- std over
   seeds, where a seed's score is its last test at or before that many episodes, next to the
-  paper's PlaNet score and the random actions' return; then every run with the episodes it
-  reached out of its target.
+  paper's PlaNet score and the random actions' return; with several dm_control tasks and seeds,
+  the interquartile mean of the normalised scores with a stratified-bootstrap interval (Agarwal et
+  al. 2021); then every run with the episodes it reached out of its target.
 
 Runs of a task whose settings differ (e.g. a sweep with `--grid model=rssm,ssm,gru`) are variants:
 each gets its own curve and row, named by the settings that differ, such as `model=ssm`.
@@ -37,7 +40,7 @@ import numpy as np
 from matplotlib.ticker import FuncFormatter
 
 from config import Config
-from wrappers import default_action_repeat, task_list
+from wrappers import GYM_PREFIX, default_action_repeat, task_list
 
 # Table 1 of the paper: PlaNet after 1000 episodes (5 seeds x 10 test episodes) and D4PG from pixels
 # after 100,000 episodes. The order is the paper's.
@@ -49,6 +52,20 @@ PAPER_SCORES = {
     "cup-catch": {"PlaNet": 930, "D4PG": 980},
     "walker-walk": {"PlaNet": 951, "D4PG": 968},
 }
+# The published PlaNet by environment steps, mean ± std: CURL (Srinivas et al. 2020), Table 1,
+# which reran the official code at 100k and 500k steps.
+PUBLISHED = {
+    "cartpole-swingup": {100_000: (297, 39), 500_000: (475, 71)},
+    "reacher-easy": {100_000: (20, 50), 500_000: (210, 390)},
+    "cheetah-run": {100_000: (138, 88), 500_000: (305, 131)},
+    "finger-spin": {100_000: (136, 216), 500_000: (561, 284)},
+    "cup-catch": {100_000: (0, 0), 500_000: (460, 380)},
+    "walker-walk": {100_000: (224, 48), 500_000: (351, 58)},
+}
+# A dm_control episode's return lies in [0, 1000] (a reward in [0, 1] per env step, 1000 steps): the
+# normalisation of the aggregate score, as Agarwal et al. (2021) use for the Control Suite.
+MAX_RETURN = 1000
+BOOTSTRAP_SAMPLES = 2000
 NUMBERS = ("episodes", "env_steps", "test/return", "wall_clock_s")  # The fields of metrics.jsonl that plot.py reads.
 BASELINE_STYLE = {"PlaNet": ("tab:red", "PlaNet, paper (1000 episodes)"),
                   "D4PG": ("tab:gray", "D4PG, paper (pixels, 100k episodes)")}
@@ -261,6 +278,14 @@ def plot_task(ax, task, variants, colors, axis):
         ax.text(0.5, 0.5, "no test yet", transform=ax.transAxes, ha="center", va="center")
     if any(run.tests and not run.finished for run in runs):
         ax.plot([], [], "x", color="black", label="last test of a partial run")
+    if axis == "env_steps":  # The published points that the curves reach.
+        reached = max((test.env_steps for run in runs for test in run.tests), default=0)
+        points = [(steps, mean, std) for steps, (mean, std) in PUBLISHED.get(task, {}).items() if steps <= reached]
+        if points:
+            steps, means, stds = zip(*points)
+            ax.errorbar(steps, means, yerr=stds, fmt="D", color="tab:red", capsize=4, markersize=5,
+                        label="PlaNet, CURL Table 1: " + ", ".join(f"{m} ± {s} at {steps_label(x, None)}"
+                                                                   for x, m, s in points))
     for method, score in PAPER_SCORES.get(task, {}).items():
         color, label = BASELINE_STYLE[method]
         ax.axhline(score, color=color, linestyle="--", linewidth=1.2, label=f"{label}: {score}")
@@ -325,8 +350,48 @@ def markdown_table(header, rows):
     return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
 
 
+def interquartile_mean(scores):
+    """The mean of the middle half of `scores` (any shape), a quarter cut from each end, as
+    `scipy.stats.trim_mean(scores, 0.25)` and rliable's IQM compute it."""
+    flat = np.sort(np.ravel(scores))
+    cut = int(0.25 * len(flat))
+    return float(flat[cut:len(flat) - cut].mean())
+
+
+def bootstrap_iqm(scores_by_task, rng, samples=BOOTSTRAP_SAMPLES):
+    """-> (IQM of every task's scores together, the 2.5th and 97.5th percentiles of the IQM over a
+    stratified bootstrap): each sample redraws every task's runs with replacement, task by task."""
+    tasks = list(scores_by_task.values())
+    draws = [interquartile_mean(np.concatenate([rng.choice(scores, len(scores)) for scores in tasks]))
+             for _ in range(samples)]
+    low, high = np.percentile(draws, [2.5, 97.5])
+    return interquartile_mean(np.concatenate(tasks)), float(low), float(high)
+
+
+def aggregate_rows(by_task, episodes):
+    """Rows of the aggregate table: each variant with scores on two or more dm_control tasks and two
+    or more seeds of some task. Gymnasium tasks have no common scale and are left out."""
+    by_variant = {}
+    for task, variants in by_task.items():
+        if task.startswith(GYM_PREFIX):
+            continue
+        for variant, runs in variants.items():
+            scores = [score[1] / MAX_RETURN for run in runs if (score := run.score(episodes))]
+            if scores:
+                by_variant.setdefault(variant, {})[task] = np.array(scores)
+    rng = np.random.default_rng(0)
+    rows = []
+    for variant, scores in by_variant.items():
+        if len(scores) >= 2 and max(map(len, scores.values())) >= 2:
+            iqm, low, high = bootstrap_iqm(scores, rng)
+            rows.append([variant or "this port", str(len(scores)), str(sum(map(len, scores.values()))),
+                         f"{iqm:.3f}", f"[{low:.3f}, {high:.3f}]"])
+    return rows
+
+
 def score_report(by_task, episodes):
-    """The Markdown of scores.md: the per-task table, then the per-run one."""
+    """The Markdown of scores.md: the per-task table, the aggregate over tasks when there are
+    several, then the per-run table."""
     tasks = markdown_table(
         ["task", f"score after {episodes} episodes", "seeds", "PlaNet (paper)", "difference", "runs",
          "random actions"],
@@ -338,7 +403,21 @@ def score_report(by_task, episodes):
             "Mean ± std over seeds (std with ddof 0) of each seed's last test at or before "
             f"{episodes} episodes; the paper's PlaNet score is the mean of 5 seeds x 10 test episodes; "
             "random actions is the mean return of the runs' seed episodes.\n\n"
-            f"{tasks}\n\n## Runs\n\n{runs}\n")
+            f"{tasks}\n\n{aggregate_report(by_task, episodes)}## Runs\n\n{runs}\n")
+
+
+def aggregate_report(by_task, episodes):
+    rows = aggregate_rows(by_task, episodes)
+    if not rows:
+        return ""
+    table = markdown_table(["variant", "tasks", "runs", "IQM of normalised scores", "95% CI"], rows)
+    return ("## Aggregate over tasks\n\n"
+            f"Interquartile mean of the scores after {episodes} episodes over every task and seed, each "
+            f"normalised by {MAX_RETURN} (the most a Control Suite episode can score), with a 95% interval "
+            f"from {BOOTSTRAP_SAMPLES} stratified bootstrap samples (each redraws every task's seeds with "
+            "replacement; percentiles), as Agarwal et al. (2021, Deep RL at the Edge of the Statistical "
+            "Precipice) recommend. Gymnasium tasks are left out: their returns have no common scale.\n\n"
+            f"{table}\n\n")
 
 
 def main(argv=None):

@@ -92,6 +92,13 @@ def test_table_scores_each_seed_by_its_last_test(runs, tmp_path, episodes):
     # The seed episodes 1..5 of every fake run return 1..5: random actions score their mean.
     assert table_rows(result.stdout, "cartpole-swingup")[0][6] == "3.0"
     assert table_rows(result.stdout, "cheetah-run")[0][5] == "1 finished, partial 25/30"
+    # Two tasks with seeds: their aggregate, the IQM of all 5 scores / 1000 (the middle 3 of 5).
+    all_scores = sorted(returns[task, seed][max(e for e in returns[task, seed] if e <= episodes)] / 1000
+                        for task, seeds in (("cartpole-swingup", 3), ("cheetah-run", 2)) for seed in range(seeds))
+    (row,) = table_rows(result.stdout.split("## Aggregate over tasks")[1], "this port")
+    assert row[1:4] == ["2", "5", f"{statistics.fmean(all_scores[1:4]):.3f}"]
+    low, high = (float(value) for value in row[4].strip("[]").split(", "))
+    assert min(all_scores) <= low <= statistics.fmean(all_scores[1:4]) <= high <= max(all_scores)
 
 
 def test_partial_runs_are_marked(runs, tmp_path):
@@ -237,3 +244,34 @@ def test_curves_against_the_wall_clock_when_every_run_logs_it(tmp_path):
     assert result.returncode == 0, result.stderr
     assert not (tmp_path / "mixed" / "learning_curves_wall_clock.png").exists()
     assert "some runs do not log wall_clock_s" in result.stderr
+
+
+def test_interquartile_mean_and_its_stratified_bootstrap():
+    import scipy.stats
+    import plot as plot_module
+    scores = np.random.default_rng(1).uniform(size=(7, 3))
+    assert plot_module.interquartile_mean(scores) == pytest.approx(scipy.stats.trim_mean(scores, 0.25, axis=None))
+    assert plot_module.interquartile_mean([1, 2, 3, 4, 100, -100, 5, 6]) == pytest.approx(3.5)
+    # Redrawing each task's own runs keeps these two tasks' scores: the interval is the point.
+    # A bootstrap over the pooled runs would draw 0.1 four times now and then.
+    iqm, low, high = plot_module.bootstrap_iqm({"a": np.array([0.1, 0.1]), "b": np.array([0.9, 0.9])},
+                                               np.random.default_rng(0))
+    assert (iqm, low, high) == pytest.approx((0.5, 0.5, 0.5))
+    iqm, low, high = plot_module.bootstrap_iqm({"a": np.array([0.1, 0.3, 0.5]), "b": np.array([0.6, 0.9, 0.7])},
+                                               np.random.default_rng(0))
+    assert low < iqm < high
+
+
+def test_published_points_where_the_curves_reach_them(tmp_path):
+    import matplotlib.pyplot as plt
+    import plot as plot_module
+    # 120 episodes of 1000 steps: past 100k steps, not 500k.
+    write_run(tmp_path / "run", "cartpole-swingup", 0, 120, {10: 100.0, 120: 300.0}, target=120, seconds_per_episode=60)
+    runs = plot_module.group_by_task(plot_module.read_runs(tmp_path / "run"))
+    figure, ax = plt.subplots()
+    plot_module.plot_task(ax, "cartpole-swingup", runs["cartpole-swingup"], {"": "tab:blue"}, "env_steps")
+    labels = ax.get_legend_handles_labels()[1]
+    assert "PlaNet, CURL Table 1: 297 ± 39 at 100k" in labels
+    figure, ax = plt.subplots()
+    plot_module.plot_task(ax, "cartpole-swingup", runs["cartpole-swingup"], {"": "tab:blue"}, "wall_clock_s")
+    assert not any("CURL" in label for label in ax.get_legend_handles_labels()[1])
