@@ -22,7 +22,7 @@ POSITIVE = ("episodes", "seed_episodes", "collect_interval", "batch_size", "chun
             "bit_depth")
 # Every other setting stays the run's own on --resume.
 SPEED_PATHS = ("capture_planner", "compile_update", "replay_on_device", "tf32", "bf16")
-RESUME_MAY_CHANGE = ("episodes", "device", "nan_policy", "compile_planner") + SPEED_PATHS
+RESUME_MAY_CHANGE = ("episodes", "device", "nan_policy", "compile_planner", "wandb") + SPEED_PATHS
 
 
 def option(default, help):
@@ -126,6 +126,9 @@ class Config:
                              "checkpoint) or skip that update (which waits for the GPU at every "
                              "update, to look at the loss before Adam steps)")
     preset: str = option("", "a named set of defaults from PRESETS, e.g. small (flags given with it win)")
+    wandb: bool = option(False, "also log to Weights & Biases what TensorBoard gets, and the config "
+                         "(project planet-torch or $WANDB_PROJECT; WANDB_MODE=offline writes it to "
+                         "RUN_DIR/wandb)")
 
     @property
     def tasks(self):

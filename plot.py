@@ -72,7 +72,7 @@ BASELINE_STYLE = {"PlaNet": ("tab:red", "PlaNet, paper (1000 episodes)"),
 # Settings that tell runs apart without changing the method: never what makes a variant.
 NOT_A_VARIANT = ("seed", "log_dir", "device", "episodes", "nan_policy", "compile_planner",
                  "checkpoint_interval", "capture_planner", "compile_update", "replay_on_device", "tf32",
-                 "bf16")
+                 "bf16", "wandb")
 VARIANT_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink",
                   "tab:olive", "tab:cyan")
 

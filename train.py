@@ -10,6 +10,8 @@ import dataclasses
 import functools
 import io
 import logging
+import os
+import secrets
 import shutil
 import sys
 import time
@@ -348,6 +350,7 @@ class Workspace:
         if resume:
             self.restore()
         write_json(self.run_dir / "config.json", dataclasses.asdict(config))  # --episodes may be new.
+        self.wandb = start_wandb(config, self.run_dir) if config.wandb else None  # Before the writer.
         # purge_step hides the TensorBoard points that a killed process logged after the checkpoint.
         self.writer = SummaryWriter(str(self.run_dir),
                                     purge_step=self.counters["env_steps"] + 1 if resume else None)
@@ -509,6 +512,8 @@ class Workspace:
 
     def close(self):
         self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
         for env in [*self.envs, *self.test_envs.values()]:
             env.close()
         self.test_envs = {}
@@ -518,6 +523,24 @@ class Workspace:
             self.writer.add_scalar(name, value, self.counters["env_steps"])
         self.writer.flush()
         append_jsonl(self.run_dir / "metrics.jsonl", {**self.counters, **metrics})
+
+
+def start_wandb(config, run_dir):
+    """A Weights & Biases run that gets the config and everything the SummaryWriter writes (scalars,
+    images, text), through W&B's TensorBoard patch. A resumed run continues the same W&B run: its id
+    is kept in RUN_DIR/wandb_id. Raises ValueError without the wandb package."""
+    try:
+        import wandb
+    except ImportError:
+        raise ValueError("--wandb needs the wandb package: pip install wandb") from None
+    id_path = run_dir / "wandb_id"
+    run_id = id_path.read_text().strip() if id_path.is_file() else secrets.token_hex(4)
+    atomic_write(id_path, lambda f: f.write(run_id.encode()))
+    # save=False: W&B would otherwise copy the event files into RUN_DIR/wandb, inside the very
+    # folder it watches, and copy its copies.
+    wandb.tensorboard.patch(root_logdir=str(run_dir), save=False)
+    return wandb.init(project=os.environ.get("WANDB_PROJECT", "planet-torch"), id=run_id, resume="allow",
+                      name=f"{config.task}/{run_dir.name}", dir=run_dir, config=dataclasses.asdict(config))
 
 
 def warn_if_days(workspace):

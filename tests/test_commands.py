@@ -466,3 +466,32 @@ def test_without_the_egl_library_every_command_says_what_to_install(tmp_path, co
     assert_clean_error(result, "error: MuJoCo cannot render with MUJOCO_GL=egl")
     assert "sudo apt-get install libegl1 libegl-mesa0" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_wandb_logs_what_tensorboard_gets_and_a_resume_continues_its_run(tmp_path):
+    """--wandb in W&B's offline mode: the config, scalars and images land in RUN_DIR/wandb, and the
+    resumed run writes under the same W&B run id."""
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    for flags in ([*TINY_FLAGS, "--run-dir", str(run_dir), "--wandb"], ["--resume", str(run_dir), "--episodes", "5"]):
+        result = subprocess.run([sys.executable, "train.py", *flags], cwd=ROOT, env=env, capture_output=True, text=True,
+                                timeout=600)
+        assert result.returncode == 0, result.stderr
+    run_id = (run_dir / "wandb_id").read_text()
+    first, resumed = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert first.name.endswith(run_id) and resumed.name.endswith(run_id)
+    log = (first / f"run-{run_id}.wandb").read_bytes()
+    for key in (b"test/return", b"loss/total", b"train/return", b"collect_interval"):
+        assert key in log, key
+    assert b"loss/total" in (resumed / f"run-{run_id}.wandb").read_bytes()  # --wandb stays on, as in config.json.
+    images = {path.suffix for path in (first / "files" / "media" / "images").iterdir()}
+    assert images == {".gif", ".png"}  # The test episode and the open-loop prediction.
+    assert not list((run_dir / "wandb").rglob("events.out.tfevents.*")), "W&B copied the event files"
+
+
+def test_wandb_is_imported_only_when_asked_for(tmp_path, monkeypatch):
+    check = "import sys, train; assert 'wandb' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", check], cwd=ROOT, timeout=300).returncode == 0
+    monkeypatch.setitem(sys.modules, "wandb", None)  # As if it were not installed.
+    with pytest.raises(ValueError, match="--wandb needs the wandb package: pip install wandb"):
+        train.start_wandb(train.Config(), tmp_path)
