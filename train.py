@@ -290,14 +290,18 @@ class EpisodeProgress:
         self.current_share, self.steps = (self.share if with_updates else 0.0), 0
         self.steps_per_episode = steps_per_episode
 
+    def advance(self, episodes):
+        """Move by a fraction of an episode; float sums must not pass the total (tqdm warns)."""
+        self.bar.update(min(episodes, self.bar.total - self.bar.n))
+
     def updated(self, done, count):
-        self.bar.update(self.current_share / count)
+        self.advance(self.current_share / count)
         self.bar.set_postfix({**self.status, "update": f"{done}/{count}"})
 
     def stepped(self, _obs):
         self.steps += 1
         if self.steps <= self.steps_per_episode:
-            self.bar.update((1 - self.current_share) / self.steps_per_episode)
+            self.advance((1 - self.current_share) / self.steps_per_episode)
         decisions = self.steps_per_episode - 1
         self.bar.set_postfix({**self.status, "step": f"{min(self.steps - 1, decisions)}/{decisions}"})
 

@@ -227,9 +227,19 @@ def test_progress_moves_inside_an_iteration(capsys):
     for _ in range(5):
         progress.stepped(None)
     assert progress.bar.n == pytest.approx(5.0)
+    # Up to the last episode: fractions of an episode that add up to a hair past the total stop
+    # at it (tqdm warns and clamps otherwise).
+    progress.finish(9, {})
+    progress.start(with_updates=True, steps_per_episode=7)
+    for done in range(1, 8):
+        progress.updated(done, 7)
+    for _ in range(7):
+        progress.stepped(None)
+    assert progress.bar.n <= progress.bar.total
     progress.close()
     err = capsys.readouterr().err
     assert "update=4/4" in err and "step=4/4" in err and "train=1," in err and "step=5/4" not in err
+    assert "TqdmWarning" not in err
 
 
 @pytest.mark.parametrize("episodes", [10, 10_000_000])
