@@ -279,7 +279,9 @@ class EpisodeProgress:
     iteration's time that its updates took (a half before the first is measured)."""
 
     def __init__(self, total, done):
+        # Into a file (nohup, sweep.py's train.log) a line every 30 s, not one per step and update.
         self.bar = tqdm(total=total, initial=done, unit="episode", dynamic_ncols=True,
+                        mininterval=0.1 if sys.stderr.isatty() else 30,
                         bar_format="{l_bar}{bar}| {n:.1f}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]")
         self.steps_per_episode = 1
         self.share, self.current_share, self.steps = 0.5, 0.0, 0
@@ -295,15 +297,15 @@ class EpisodeProgress:
         self.bar.update(min(episodes, self.bar.total - self.bar.n))
 
     def updated(self, done, count):
+        self.bar.set_postfix({**self.status, "update": f"{done}/{count}"}, refresh=False)
         self.advance(self.current_share / count)
-        self.bar.set_postfix({**self.status, "update": f"{done}/{count}"})
 
     def stepped(self, _obs):
         self.steps += 1
+        decisions = self.steps_per_episode - 1
+        self.bar.set_postfix({**self.status, "step": f"{min(self.steps - 1, decisions)}/{decisions}"}, refresh=False)
         if self.steps <= self.steps_per_episode:
             self.advance((1 - self.current_share) / self.steps_per_episode)
-        decisions = self.steps_per_episode - 1
-        self.bar.set_postfix({**self.status, "step": f"{min(self.steps - 1, decisions)}/{decisions}"})
 
     def finish(self, episodes, status, update_seconds=0.0, episode_seconds=0.0):
         """An episode ended: the bar at `episodes` exactly, `status` shown until the next ends."""
