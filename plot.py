@@ -6,8 +6,8 @@ recursively for them) and writes, under `--out`:
 - `learning_curves.png`: test return against environment steps, one panel per task, the mean over
   seeds with a band of one standard deviation, every seed as a thin line, the paper's PlaNet and
   D4PG scores as dashed lines, the published PlaNet at 100k and 500k steps (CURL, Table 1) as
-  points where the curves reach them, and the return of random actions (the seed episodes) as a
-  dotted line;
+  points where the curves reach them (these from pixels, so beside runs from pixels only), and the
+  return of random actions (the seed episodes) as a dotted line;
 - `learning_curves_wall_clock.png`: the same against the wall clock of training (`wall_clock_s` of
   metrics.jsonl), when every run logs it;
 - `scores.md` (also printed): per task, the score after `--episodes` episodes as mean +- std over
@@ -278,7 +278,9 @@ def plot_task(ax, task, variants, colors, axis):
         ax.text(0.5, 0.5, "no test yet", transform=ax.transAxes, ha="center", va="center")
     if any(run.tests and not run.finished for run in runs):
         ax.plot([], [], "x", color="black", label="last test of a partial run")
-    if axis == "env_steps":  # The published points that the curves reach.
+    # The published scores are from pixels: drawn beside runs from pixels only.
+    from_pixels = any(run.settings.get("obs", "pixels") == "pixels" for run in runs)
+    if axis == "env_steps" and from_pixels:  # The published points that the curves reach.
         reached = max((test.env_steps for run in runs for test in run.tests), default=0)
         points = [(steps, mean, std) for steps, (mean, std) in PUBLISHED.get(task, {}).items() if steps <= reached]
         if points:
@@ -286,7 +288,7 @@ def plot_task(ax, task, variants, colors, axis):
             ax.errorbar(steps, means, yerr=stds, fmt="D", color="tab:red", capsize=4, markersize=5,
                         label="PlaNet, CURL Table 1: " + ", ".join(f"{m} ± {s} at {steps_label(x, None)}"
                                                                    for x, m, s in points))
-    for method, score in PAPER_SCORES.get(task, {}).items():
+    for method, score in PAPER_SCORES.get(task, {}).items() if from_pixels else ():
         color, label = BASELINE_STYLE[method]
         ax.axhline(score, color=color, linestyle="--", linewidth=1.2, label=f"{label}: {score}")
     if (level := random_level(runs)) is not None:

@@ -275,3 +275,15 @@ def test_published_points_where_the_curves_reach_them(tmp_path):
     figure, ax = plt.subplots()
     plot_module.plot_task(ax, "cartpole-swingup", runs["cartpole-swingup"], {"": "tab:blue"}, "wall_clock_s")
     assert not any("CURL" in label for label in ax.get_legend_handles_labels()[1])
+
+
+def test_the_published_pixel_scores_are_not_drawn_beside_runs_from_states(tmp_path):
+    import matplotlib.pyplot as plt
+    import plot as plot_module
+    write_run(tmp_path / "run", "cartpole-swingup", 0, 120, {10: 100.0, 120: 300.0}, target=120, obs="state")
+    runs = plot_module.group_by_task(plot_module.read_runs(tmp_path / "run"))
+    figure, ax = plt.subplots()
+    plot_module.plot_task(ax, "cartpole-swingup", runs["cartpole-swingup"], {"": "tab:blue"}, "env_steps")
+    labels = ax.get_legend_handles_labels()[1]
+    assert not any("paper" in label or "CURL" in label for label in labels), labels
+    assert any(label.startswith("random actions") for label in labels)

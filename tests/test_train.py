@@ -141,7 +141,7 @@ def test_unknown_preset_is_refused(capsys):
     with pytest.raises(SystemExit) as exit_info:
         parse_args(["--preset", "tiny"])
     assert exit_info.value.code == 2
-    assert "unknown --preset tiny; known presets: small, camera-ready" in capsys.readouterr().err
+    assert "unknown --preset tiny; known presets: small, small-state, camera-ready" in capsys.readouterr().err
 
 
 def test_resume_keeps_the_preset(tmp_path, capsys):
