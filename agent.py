@@ -4,7 +4,6 @@ import functools
 
 import numpy as np
 import torch
-from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 from capture import CUDAGraphed
 from model import features
@@ -28,36 +27,12 @@ def rollout_returns(rssm, reward_model, actions, belief, state, discount=1.0):
     return returns
 
 
-class BiasAfterMatmul(CustomGraphPass):
-    """Inductor pass for CPU graphs: `addmm(bias, x, w)` -> `mm(x, w) + bias`, the same function.
-
-    On a CPU, addmm copies the bias into its output and then accumulates the GEMM onto it: an
-    extra pass over every `(N, out)` activation. As a separate add, the bias joins the fused
-    kernel of the activation that follows. Inductor does this rewrite itself on GPUs only.
-    """
-
-    def __call__(self, graph):
-        for addmm in graph.find_nodes(op="call_function", target=torch.ops.aten.addmm.default):
-            scaled = len(addmm.args) > 3 or addmm.kwargs  # beta or alpha given: keep it.
-            if scaled or addmm.meta["val"].device.type != "cpu":
-                continue
-            bias, x, w = addmm.args
-            with graph.inserting_before(addmm):
-                product = graph.call_function(torch.ops.aten.mm.default, (x, w))
-                output = graph.call_function(torch.ops.aten.add.Tensor, (product, bias))
-            product.meta["val"] = output.meta["val"] = addmm.meta["val"]
-            addmm.replace_all_uses_with(output)
-            graph.erase_node(addmm)
-
-    def uuid(self):
-        return get_hash_for_files((__file__,))
-
-
 @functools.cache
 def compiled_rollout_returns():
     """`rollout_returns` through `torch.compile`, which fuses the elementwise ops of each step.
     It compiles at the first call for each batch shape (about a minute on a CPU). Random draws
     stay eager PyTorch's (`fallback_random`), so a seed gives the plan of the uncompiled rollout."""
+    from inductor_pass import BiasAfterMatmul  # Here, not at the top: torch._inductor is slow to import.
     return torch.compile(rollout_returns, dynamic=False, options={
         "fallback_random": True, "post_grad_custom_post_pass": BiasAfterMatmul()})
 
@@ -104,6 +79,7 @@ def captured_cem_plan(device_type):
     if device_type == "cuda":
         graphed = CUDAGraphed(cem_plan)
         return lambda *args, **kwargs: graphed(*args, **{**kwargs, "rollout": compiled_rollout_returns()})
+    from inductor_pass import BiasAfterMatmul
     return torch.compile(cem_plan, dynamic=False, options={
         "fallback_random": True, "post_grad_custom_post_pass": BiasAfterMatmul()})
 

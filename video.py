@@ -4,10 +4,6 @@ import io
 import math
 
 import cv2
-import matplotlib
-
-matplotlib.use("Agg")  # Files only: no display needed.
-import matplotlib.pyplot as plt
 import numpy as np
 from PIL import Image
 from tensorboard.compat.proto.summary_pb2 import Summary
@@ -61,9 +57,14 @@ def state_plot(truth, prediction, context, labels, columns=4):
     """True against predicted observation vectors over time, `(T, D)` each, one panel per
     dimension named by `labels`, the first `context` steps observed and the rest open loop.
     -> RGB image `(H, W, 3)` uint8, for a PNG or TensorBoard."""
+    # Imported here: matplotlib takes half a second to import, and only runs on state observations draw this plot.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     rows = math.ceil(len(labels) / columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.2 * rows), squeeze=False,
-                                sharex=True, constrained_layout=True)
+    figure = Figure(figsize=(3.2 * columns, 2.2 * rows), constrained_layout=True)
+    canvas = FigureCanvasAgg(figure)  # Draws into memory: no display, no pyplot state to close.
+    axes = figure.subplots(rows, columns, squeeze=False, sharex=True)
     steps = np.arange(len(truth))
     for i, axis in enumerate(axes.flat):
         if i >= len(labels):
@@ -76,7 +77,5 @@ def state_plot(truth, prediction, context, labels, columns=4):
         axis.tick_params(labelsize=7)
     axes.flat[0].legend(fontsize=7)
     figure.supxlabel("step (agent decisions)", fontsize=9)
-    figure.canvas.draw()
-    image = np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
-    plt.close(figure)
-    return image
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()

@@ -7,9 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from agent import (Agent, BiasAfterMatmul, cem_plan, compiled_rollout_returns, planner_policy,
+from agent import (Agent, cem_plan, compiled_rollout_returns, planner_policy,
                    play_episode, play_episodes, rollout_returns)
 from conftest import TINY_MODEL
+from inductor_pass import BiasAfterMatmul
 from model import WorldModel, features
 from wrappers import make_env, make_parallel_envs
 
