@@ -361,7 +361,7 @@ VARIANTS = {  # Name -> (flags, a flag that a resumed run must refuse to change)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_each_model_variant_trains_resumes_tests_and_predicts(variant, tmp_path):
+def test_each_model_variant_trains_resumes_tests_and_predicts(variant, tmp_path, monkeypatch, capsys):
     """The designs of Figure 4, and the camera-ready configuration (the official GRU and
     initialisation, state heads trained into the model, outgoing rewards, ...) with the official
     loss options, through the same commands, latent overshooting on; `rssm` is the run of the
@@ -369,7 +369,8 @@ def test_each_model_variant_trains_resumes_tests_and_predicts(variant, tmp_path)
     run_dir = tmp_path / variant
     variant_flags, refused_change = VARIANTS[variant]
     # Free nats 0: the tiny model's KLs, some 0.3 nats, are below the default 3, which clamps them to 0.
-    flags = [*TINY_FLAGS, *variant_flags, "--overshooting-distance", "3", "--free-nats", "0"]
+    # One test, by the resumed run after episode 4.
+    flags = [*TINY_FLAGS, *variant_flags, "--overshooting-distance", "3", "--free-nats", "0", "--test-interval", "4"]
     run("train.py", *flags, "--episodes", "3", "--run-dir", str(run_dir))
     # What the resumed run must carry on: the files so far, and the checkpoint's weights, which
     # a mark on the reward model's bias tells from a new initialisation.
@@ -411,10 +412,12 @@ def test_each_model_variant_trains_resumes_tests_and_predicts(variant, tmp_path)
     assert ("rssm.gru.weight_hh" in checkpoint["model"]) == (variant == "gru")
     assert ("rssm.gru.gates.weight" in checkpoint["model"]) == camera_ready
     assert ("reward_model.net.6.bias" in checkpoint["model"]) != camera_ready  # 2 hidden layers, not 3.
-    assert "mean return" in run("test.py", str(run_dir), "--episodes", "1", "--device", "cpu").stdout
+    # test.py and video_prediction.py load the variant; in this process, as the tests above ran them
+    # from subprocesses already.
     out = tmp_path / "prediction.gif"
-    run("video_prediction.py", str(run_dir), "--out", str(out), "--length", "10", "--gif")
-    assert out.stat().st_size > 0
+    run_in_process(monkeypatch, test_script, run_dir, "--episodes", "1", "--device", "cpu")
+    run_in_process(monkeypatch, video_prediction, run_dir, "--out", out, "--length", "10", "--gif")
+    assert "mean return" in capsys.readouterr().out and out.stat().st_size > 0
     refused = run("train.py", "--resume", str(run_dir), *refused_change, check=False)
     assert_clean_error(refused, "a resumed run keeps its config")
 
