@@ -28,7 +28,8 @@ import torch
 
 from agent import Agent, planner_policy, play_episode, play_episodes
 from config import SPEED_PATHS, Config, apply_preset
-from train import build_env, build_model, build_replay, gradient_function, test_seeds, train_model, update
+from runs import build_env, build_model, build_replay, test_seeds
+from train import gradient_function, train_model, update
 from utils import BatchPrefetcher, keep_freed_memory, resolve_device, set_matmul_precision
 from wrappers import OBSERVATIONS, check_task, default_action_repeat, make_env, make_parallel_envs
 

@@ -18,7 +18,7 @@ import torch
 
 from agent import Agent, RandomAgent, episode_frames, play_episodes
 from config import read_config
-from train import build_env, load_run, padded_action_size, test_seeds
+from runs import build_env, load_run, padded_action_size, test_seeds
 from utils import keep_freed_memory, resolve_device, set_seed_everywhere
 from video import episode_mosaic, write_gif, write_video
 from wrappers import make_parallel_envs

@@ -10,8 +10,6 @@ import dataclasses
 import functools
 import io
 import logging
-import os
-import secrets
 import shutil
 import sys
 import time
@@ -20,119 +18,24 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.tensorboard import SummaryWriter
-from tqdm import tqdm
 
-from agent import (STATE_PREFIX, Agent, episode_frames, planner_policy, play_episode, play_episodes,
-                   random_policy)
+from agent import Agent, episode_frames, planner_policy, play_episode, play_episodes, random_policy
 from capture import CapturedGradients
-from config import Config, parse_args, read_config
-from model import WorldModel
-from utils import (REPLAY_KEYS, BatchPrefetcher, DeviceReplayBuffer, ReplayBuffer, append_jsonl,
-                   atomic_write, derive_seed, episode_index, episode_paths, global_rng_state,
-                   keep_freed_memory, load_episode, open_loop_errors, open_loop_prediction,
-                   outgoing_reward_chunks, pack_random_state, read_jsonl, resolve_device, save_episode,
-                   set_global_rng_state, set_matmul_precision, set_seed_everywhere, unpack_random_state,
-                   write_json, write_jsonl)
+from config import parse_args
+from diagnostics import open_loop_errors, open_loop_prediction
+from logger import EpisodeProgress, hyperparameter_table, start_wandb
+from runs import CHECKPOINT, build_envs, build_model, build_replay, make_run_dir, read_checkpoint, test_seeds
+from utils import (BatchPrefetcher, append_jsonl, atomic_write, derive_seed, episode_index, episode_paths,
+                   global_rng_state, keep_freed_memory, load_episode, outgoing_reward_chunks, pack_random_state,
+                   read_jsonl, resolve_device, save_episode, set_global_rng_state, set_matmul_precision,
+                   set_seed_everywhere, unpack_random_state, write_json, write_jsonl)
 from video import add_gif, episode_mosaic, state_plot
-from wrappers import make_env, make_parallel_envs, state_labels
+from wrappers import make_parallel_envs, state_labels
 
-CHECKPOINT = "checkpoint.pt"
-TEST_SEED_OFFSET = 10_000  # Tags the stream of test-episode seeds, apart from training's.
 BATCH_NOISE_TAG = 20_000  # Tags the seed of the batches' dequantisation noise.
 CUDA_RESEED_TAG = 30_000  # Tags the seed of the CUDA generators when a CPU checkpoint resumes on CUDA.
 VIDEO_FRAMES = 100  # Of the first test episode, logged to TensorBoard as a GIF at each test.
 DAY = 24 * 3600  # Seconds: a projected run longer than this on a CPU is worth a warning.
-
-
-def build_env(config, seed=0, frames=False, max_episode_length=None, task=None, action_size=None):
-    """The env of one of the run's tasks (the first by default) with the given seed, seen as the run
-    sees it (`make_env`)."""
-    task = task or config.tasks[0]
-    return make_env(task, seed, config.repeat_of(task), max_episode_length or config.max_episode_length,
-                    config.obs, frames, action_size)
-
-
-def padded_action_size(config):
-    """The action size of a multi-task run, its widest task's (`build_envs`); None for one task."""
-    if len(config.tasks) == 1:
-        return None
-    envs = [build_env(config, task=task) for task in config.tasks]
-    for env in envs:
-        env.close()
-    return max(env.action_size for env in envs)
-
-
-def build_envs(config, seed=0):
-    """One env per task of the run; in a multi-task run each takes the widest task's actions
-    (`TaskEnv.pad_actions`), so that one model and one planner serve them all."""
-    size = padded_action_size(config)
-    return [build_env(config, seed, task=task, action_size=size) for task in config.tasks]
-
-
-def build_model(config, env):
-    """The world model of `config` for an env: its action size, its observation's size when seen
-    from states, and the sizes of its proprioceptive observation (`state_sizes`, for state heads)."""
-    obs_size = env.observation_space.shape[0] if config.obs == "state" else None
-    return WorldModel(env.action_size, config.belief_size, config.state_size, config.hidden_size,
-                      config.cnn_depth, config.reward_hidden_size, config.model, config.bf16,
-                      config.gru_cell, config.init, config.reward_layers, config.state_heads,
-                      env.state_sizes, obs_size, config.embed_size)
-
-
-def build_replay(config, device, state_sizes=None):
-    """The replay buffer: chunks of the frames, actions and rewards, and the proprioceptive states
-    when state heads need them. Outgoing rewards make each chunk from one more stored step
-    (`outgoing_reward_chunks`)."""
-    keys = REPLAY_KEYS
-    if config.state_heads != "none":
-        keys += tuple(STATE_PREFIX + key for key in state_sizes)
-    length = config.chunk_length + (config.reward_alignment == "outgoing")
-    by_episode = len(config.tasks) > 1  # Each task its share of the chunks (`ReplayBuffer`).
-    if config.replay_on_device:
-        return DeviceReplayBuffer(length, config.buffer_capacity, config.seed, device, keys, by_episode)
-    return ReplayBuffer(length, config.buffer_capacity, config.seed, keys, by_episode)
-
-
-# --- Reading runs back. Each raises ValueError with a one-line reason. ---
-
-def read_checkpoint(run_dir, config, model, device):
-    """Load the run's checkpoint into `model` and return it, after checking that it belongs to
-    this config (task and model sizes)."""
-    path = Path(run_dir) / CHECKPOINT
-    if not path.is_file():
-        raise ValueError(f"{run_dir} has no {CHECKPOINT} yet")
-    try:
-        # On the CPU: generator states must be CPU tensors; load_state_dict moves the rest.
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # A truncated or foreign file fails in many ways.
-        raise ValueError(f"{path} is unreadable ({type(error).__name__}); "
-                         "it is not a checkpoint written by train.py") from None
-    saved = checkpoint.get("config", {}) if isinstance(checkpoint, dict) else {}
-    # A setting missing from an older checkpoint had its default then.
-    mismatched = [f"{name} {saved.get(name, getattr(Config, name))} != {getattr(config, name)}"
-                  for name in ("task", "obs", "model", "gru_cell", "belief_size", "state_size", "hidden_size",
-                               "reward_hidden_size", "reward_layers", "state_heads", "cnn_depth", "embed_size")
-                  if saved.get(name, getattr(Config, name)) != getattr(config, name)]
-    if mismatched:
-        raise ValueError(f"{path} does not match the model in config.json: {', '.join(mismatched)}")
-    try:
-        model.load_state_dict(checkpoint["model"])
-    except (KeyError, RuntimeError):
-        raise ValueError(f"{path} does not match the model in config.json") from None
-    return checkpoint
-
-
-def load_run(run_dir, device):
-    """The config, the model (in eval mode) and the checkpoint of a run, e.g. one still training."""
-    config = read_config(run_dir)
-    set_matmul_precision(device, config.tf32)
-    envs = build_envs(config)
-    model = build_model(config, envs[0]).to(device)
-    for env in envs:
-        env.close()
-    checkpoint = read_checkpoint(run_dir, config, model, device)
-    model.eval()
-    return config, model, checkpoint
 
 
 # --- One update and C of them. ---
@@ -218,12 +121,6 @@ def train_model(model, optimizer, buffer, config, device, generator, first_updat
     return metrics
 
 
-def test_seeds(seed, first_index, count):
-    """Env seeds of the test episodes `first_index ...`: one per episode, so that a test does not
-    depend on the tests before it, and apart from the training env's seed (the run's seed)."""
-    return [derive_seed(seed, TEST_SEED_OFFSET, first_index + i) for i in range(count)]
-
-
 def test(model, envs, config, first_index, run_dir):
     """Noise-free planner episodes in the parallel `envs`, one each, saved from `first_index` on.
     -> the episodes."""
@@ -253,70 +150,6 @@ def prediction_media(model, episode, config, state_sizes):
         image = state_plot(truth, prediction, 5, state_labels(state_sizes)).transpose(2, 0, 1)
     frames = episode_frames(episode)
     return image, None if frames is None else frames[:VIDEO_FRAMES]
-
-
-def make_run_dir(config):
-    root = Path(config.log_dir) / config.task
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    run_dir, suffix = root / stamp, 1
-    while run_dir.exists():
-        run_dir, suffix = root / f"{stamp}-{suffix}", suffix + 1
-    run_dir.mkdir(parents=True)
-    return run_dir
-
-
-def hyperparameter_table(config):
-    rows = "\n".join(f"| {name} | {value} |" for name, value in dataclasses.asdict(config).items())
-    return "| setting | value |\n| --- | --- |\n" + rows
-
-
-class EpisodeProgress:
-    """The bar over the run's episodes, moved inside each iteration too: by the updates done out of
-    C, then by the episode's steps. Its rate and ETA then count the updates from the first one on,
-    where a bar moved once per episode projects from the seed episodes, which have none (on a CPU
-    at the paper's settings: about an hour, for weeks). An update moves it by `share / C` of an
-    episode and a step by the rest over the episode's steps, `share` being the part of the last
-    iteration's time that its updates took (a half before the first is measured)."""
-
-    def __init__(self, total, done):
-        # Into a file (nohup, sweep.py's train.log) a line every 30 s, not one per step and update.
-        self.bar = tqdm(total=total, initial=done, unit="episode", dynamic_ncols=True,
-                        mininterval=0.1 if sys.stderr.isatty() else 30,
-                        bar_format="{l_bar}{bar}| {n:.1f}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]")
-        self.steps_per_episode = 1
-        self.share, self.current_share, self.steps = 0.5, 0.0, 0
-        self.status = {}
-
-    def start(self, with_updates, steps_per_episode):
-        """An iteration starts: with updates or not, then an episode of `steps_per_episode` frames."""
-        self.current_share, self.steps = (self.share if with_updates else 0.0), 0
-        self.steps_per_episode = steps_per_episode
-
-    def advance(self, episodes):
-        """Move by a fraction of an episode; float sums must not pass the total (tqdm warns)."""
-        self.bar.update(min(episodes, self.bar.total - self.bar.n))
-
-    def updated(self, done, count):
-        self.bar.set_postfix({**self.status, "update": f"{done}/{count}"}, refresh=False)
-        self.advance(self.current_share / count)
-
-    def stepped(self, _obs):
-        self.steps += 1
-        decisions = self.steps_per_episode - 1
-        self.bar.set_postfix({**self.status, "step": f"{min(self.steps - 1, decisions)}/{decisions}"}, refresh=False)
-        if self.steps <= self.steps_per_episode:
-            self.advance((1 - self.current_share) / self.steps_per_episode)
-
-    def finish(self, episodes, status, update_seconds=0.0, episode_seconds=0.0):
-        """An episode ended: the bar at `episodes` exactly, `status` shown until the next ends."""
-        if update_seconds:
-            self.share = update_seconds / (update_seconds + episode_seconds)
-        self.status = status
-        self.bar.n = episodes
-        self.bar.set_postfix(status)
-
-    def close(self):
-        self.bar.close()
 
 
 class Workspace:
@@ -529,24 +362,6 @@ class Workspace:
             self.writer.add_scalar(name, value, self.counters["env_steps"])
         self.writer.flush()
         append_jsonl(self.run_dir / "metrics.jsonl", {**self.counters, **metrics})
-
-
-def start_wandb(config, run_dir):
-    """A Weights & Biases run that gets the config and everything the SummaryWriter writes (scalars,
-    images, text), through W&B's TensorBoard patch. A resumed run continues the same W&B run: its id
-    is kept in RUN_DIR/wandb_id. Raises ValueError without the wandb package."""
-    try:
-        import wandb
-    except ImportError:
-        raise ValueError("--wandb needs the wandb package: pip install wandb") from None
-    id_path = run_dir / "wandb_id"
-    run_id = id_path.read_text().strip() if id_path.is_file() else secrets.token_hex(4)
-    atomic_write(id_path, lambda f: f.write(run_id.encode()))
-    # save=False: W&B would otherwise copy the event files into RUN_DIR/wandb, inside the very
-    # folder it watches, and copy its copies.
-    wandb.tensorboard.patch(root_logdir=str(run_dir), save=False)
-    return wandb.init(project=os.environ.get("WANDB_PROJECT", "planet-torch"), id=run_id, resume="allow",
-                      name=f"{config.task}/{run_dir.name}", dir=run_dir, config=dataclasses.asdict(config))
 
 
 def warn_if_days(workspace):

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from agent import Agent, episode_frames, planner_policy, play_episode
-from train import build_env, load_run, padded_action_size, test_seeds
-from utils import (keep_freed_memory, load_episode, open_loop_prediction, resolve_device,
-                   set_seed_everywhere)
+from diagnostics import open_loop_prediction
+from runs import build_env, load_run, padded_action_size, test_seeds
+from utils import keep_freed_memory, load_episode, resolve_device, set_seed_everywhere
 from video import state_plot, write_gif, write_video
 from wrappers import state_labels
 

@@ -19,10 +19,12 @@ import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import logger
+import runs  # Not `from runs import test_seeds`, which pytest would collect as a test.
 import test as test_script  # The repository's test.py: conftest puts the repository first on the path.
-import train  # Not `from train import test_seeds`, which pytest would collect as a test.
 import video_prediction
 from agent import play_episode, play_episodes
+from config import Config
 from conftest import ROOT, TINY_FLAGS
 from utils import episode_paths, load_episode
 from wrappers import make_env
@@ -203,7 +205,7 @@ def test_test_command_plays_rounds_of_parallel_episodes_from_its_seed(run_dir, m
                                 "--parallel", "2", "--seed", "4")
     assert [len(episodes) for episodes in rounds] == [2, 2]
     env = make_env("cartpole-swingup", action_repeat=8, max_episode_length=200)
-    for seed, episode in zip(train.test_seeds(4, 0, 4), rounds[0] + rounds[1], strict=True):
+    for seed, episode in zip(runs.test_seeds(4, 0, 4), rounds[0] + rounds[1], strict=True):
         np.testing.assert_array_equal(episode["obs"][0], env.reset(seed=seed)[0])
     env.close()
     played = rounds[0] + rounds[1][:1]  # Printed to 0.1:
@@ -229,7 +231,7 @@ def test_test_command_ends_each_episode_where_its_env_ends(run_dir, monkeypatch,
     (episodes,), returns = play_test(monkeypatch, capsys, run_dir, "--random", "--episodes", "2")
     assert [len(episode["reward"]) for episode in episodes] == [11, 26]
     # Each episode is its env's, to its end: one env alone replays it with the recorded actions.
-    for seed, length, episode in zip(train.test_seeds(RUN_SEED, 0, 2), [80, 200], episodes):
+    for seed, length, episode in zip(runs.test_seeds(RUN_SEED, 0, 2), [80, 200], episodes):
         env, actions = make_env("cartpole-swingup", seed, 8, length), iter(episode["action"][1:])
         replay = play_episode(env, lambda obs, action: next(actions))
         env.close()
@@ -497,4 +499,4 @@ def test_wandb_is_imported_only_when_asked_for(tmp_path, monkeypatch):
     assert subprocess.run([sys.executable, "-c", check], cwd=ROOT, timeout=300).returncode == 0
     monkeypatch.setitem(sys.modules, "wandb", None)  # As if it were not installed.
     with pytest.raises(ValueError, match="--wandb needs the wandb package: pip install wandb"):
-        train.start_wandb(train.Config(), tmp_path)
+        logger.start_wandb(Config(), tmp_path)

@@ -19,7 +19,8 @@ from agent import cem_plan, rollout_returns
 from conftest import TINY_FLAGS, TINY_MODEL, make_episode
 from model import WorldModel
 from config import Config
-from train import gradient_function, load_run, main as train_main, update
+from runs import load_run
+from train import gradient_function, main as train_main, update
 from utils import DeviceReplayBuffer, ReplayBuffer, preprocess_observation, set_matmul_precision
 
 pytestmark = pytest.mark.device

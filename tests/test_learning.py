@@ -17,9 +17,10 @@ import torch
 import conftest  # noqa: F401  Puts the repository on sys.path when this file runs as a script.
 from agent import Agent, play_episode, planner_policy, random_policy
 from config import Config
-from train import build_model, update
-from utils import (BatchPrefetcher, ReplayBuffer, open_loop_errors, preprocess_observation,
-                   set_seed_everywhere)
+from diagnostics import open_loop_errors
+from runs import build_model
+from train import update
+from utils import BatchPrefetcher, ReplayBuffer, preprocess_observation, set_seed_everywhere
 from wrappers import make_env
 
 TASK = "cartpole-balance"

@@ -9,7 +9,9 @@ from conftest import TINY_MODEL, make_episode
 TINY_ARGS = [arg for name, value in TINY_MODEL.items() for arg in ("--" + name.replace("_", "-"), str(value))]
 from model import WorldModel
 from config import PRESETS, Config, parse_args
-from train import EpisodeProgress, Workspace, build_replay, update, warn_if_days
+from logger import EpisodeProgress
+from runs import build_replay
+from train import Workspace, update, warn_if_days
 from utils import BatchPrefetcher, ReplayBuffer, write_json
 
 
