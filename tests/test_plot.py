@@ -248,17 +248,16 @@ def test_curves_against_the_wall_clock_when_every_run_logs_it(tmp_path):
 
 def test_interquartile_mean_and_its_stratified_bootstrap():
     import scipy.stats
-    import plot as plot_module
+    from scores import bootstrap_iqm, interquartile_mean
     scores = np.random.default_rng(1).uniform(size=(7, 3))
-    assert plot_module.interquartile_mean(scores) == pytest.approx(scipy.stats.trim_mean(scores, 0.25, axis=None))
-    assert plot_module.interquartile_mean([1, 2, 3, 4, 100, -100, 5, 6]) == pytest.approx(3.5)
+    assert interquartile_mean(scores) == pytest.approx(scipy.stats.trim_mean(scores, 0.25, axis=None))
+    assert interquartile_mean([1, 2, 3, 4, 100, -100, 5, 6]) == pytest.approx(3.5)
     # Redrawing each task's own runs keeps these two tasks' scores: the interval is the point.
     # A bootstrap over the pooled runs would draw 0.1 four times now and then.
-    iqm, low, high = plot_module.bootstrap_iqm({"a": np.array([0.1, 0.1]), "b": np.array([0.9, 0.9])},
-                                               np.random.default_rng(0))
+    iqm, low, high = bootstrap_iqm({"a": np.array([0.1, 0.1]), "b": np.array([0.9, 0.9])}, np.random.default_rng(0))
     assert (iqm, low, high) == pytest.approx((0.5, 0.5, 0.5))
-    iqm, low, high = plot_module.bootstrap_iqm({"a": np.array([0.1, 0.3, 0.5]), "b": np.array([0.6, 0.9, 0.7])},
-                                               np.random.default_rng(0))
+    iqm, low, high = bootstrap_iqm({"a": np.array([0.1, 0.3, 0.5]), "b": np.array([0.6, 0.9, 0.7])},
+                                   np.random.default_rng(0))
     assert low < iqm < high
 
 

@@ -43,6 +43,14 @@ def test_every_code_reference_resolves():
     assert not missing, f"documents name code that does not exist: {missing}"
 
 
+def test_the_file_table_lists_every_file():
+    """docs/paper-in-code.md's table of the files names each top-level script, and only those."""
+    text = (ROOT / "docs" / "paper-in-code.md").read_text()
+    table = text.split("## The files", 1)[1]
+    listed = set(re.findall(r"`(\w+\.py)`", table))
+    assert listed == {path.name for path in ROOT.glob("*.py")}
+
+
 def heading_anchors(text):
     """GitHub's anchors of a Markdown file's headings: lower case, punctuation dropped, spaces to
     hyphens, `-1`, `-2` for repeats. Headings inside code blocks do not count."""

@@ -253,24 +253,24 @@ def test_a_run_refused_by_its_machine_is_not_retried(tmp_path):
 
 def test_local_runs_share_each_gpu(monkeypatch):
     """Which GPU each local run sees, with two of four GPUs selected by the user (no GPU here)."""
-    import sweep
+    import launchers
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
-    slots = sweep.local_slots(workers=1, runs_per_gpu=2, use_gpus=True)
+    slots = launchers.local_slots(workers=1, runs_per_gpu=2, use_gpus=True)
     # Each run renders on its own GPU too: EGL does not read CUDA_VISIBLE_DEVICES.
     assert slots == [{"CUDA_VISIBLE_DEVICES": gpu, "OMP_NUM_THREADS": "4", "MUJOCO_EGL_DEVICE_ID": gpu}
                      for gpu in ("3", "3", "5", "5")]
     # A Ray task: the GPU that Ray gave it; a GPU named by UUID gives EGL no number to use.
-    assert sweep.render_on_own_gpu({"CUDA_VISIBLE_DEVICES": "6,7", "A": "1"}) == \
+    assert launchers.render_on_own_gpu({"CUDA_VISIBLE_DEVICES": "6,7", "A": "1"}) == \
         {"CUDA_VISIBLE_DEVICES": "6,7", "A": "1", "MUJOCO_EGL_DEVICE_ID": "6"}
-    assert "MUJOCO_EGL_DEVICE_ID" not in sweep.render_on_own_gpu({"CUDA_VISIBLE_DEVICES": "GPU-1a2b"})
+    assert "MUJOCO_EGL_DEVICE_ID" not in launchers.render_on_own_gpu({"CUDA_VISIBLE_DEVICES": "GPU-1a2b"})
     # --device cpu, or no GPU: --local-workers runs that see no GPU split the cores.
-    assert sweep.local_slots(workers=8, runs_per_gpu=2, use_gpus=False) == \
+    assert launchers.local_slots(workers=8, runs_per_gpu=2, use_gpus=False) == \
         [{"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "2"}] * 8
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
-    assert len(sweep.local_slots(workers=3, runs_per_gpu=2, use_gpus=True)) == 3
+    assert len(launchers.local_slots(workers=3, runs_per_gpu=2, use_gpus=True)) == 3
 
 
 def test_a_run_trains_to_the_episodes_of_its_command_line(tmp_path):
