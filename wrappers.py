@@ -402,12 +402,24 @@ class GymEnv(TaskEnv):
         self._env.close()
 
 
+def check_display():
+    """MUJOCO_GL=glfw renders through a window: without a display, MuJoCo would fail only at the first
+    frame, deep in its GL loader (`gladLoadGL error`). Raises ValueError saying what to do instead."""
+    if os.environ["MUJOCO_GL"] == "glfw" and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        raise ValueError("MuJoCo cannot render with MUJOCO_GL=glfw without a display (DISPLAY is not set); "
+                         "set MUJOCO_GL=egl or osmesa to render headless, or run under xvfb-run")
+
+
 def make_env(task, seed=0, action_repeat=None, max_episode_length=1000, obs="pixels", frames=False,
              action_size=None):
     """`GymEnv` for a `gym:ID` task, else `DMCEnv`, seen from `obs` (OBSERVATIONS); from states,
     `frames` renders each step's frame too, as `info["frame"]`. `action_size` pads its actions to
-    that many dimensions (`TaskEnv.pad_actions`)."""
+    that many dimensions (`TaskEnv.pad_actions`). Raises ValueError for a dm_control env where
+    MuJoCo cannot render (`check_display`), even from states: video_prediction.py may ask it for
+    frames later."""
     kind = GymEnv if task.startswith(GYM_PREFIX) else DMCEnv
+    if kind is DMCEnv:
+        check_display()
     env = kind(task, seed=seed, action_repeat=action_repeat, max_episode_length=max_episode_length, obs=obs,
                frames=frames)
     if action_size is not None:

@@ -473,6 +473,14 @@ def test_without_the_egl_library_every_command_says_what_to_install(tmp_path, co
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
+def test_glfw_without_a_display_says_what_to_do(tmp_path):
+    env = {key: value for key, value in os.environ.items() if key not in ("DISPLAY", "WAYLAND_DISPLAY")}
+    result = subprocess.run([sys.executable, "train.py", *TINY_FLAGS, "--log-dir", str(tmp_path)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300, env={**env, "MUJOCO_GL": "glfw"})
+    assert_clean_error(result, "error: MuJoCo cannot render with MUJOCO_GL=glfw without a display")
+    assert result.stderr.strip().splitlines()[-1].endswith("or run under xvfb-run")
+
+
 def test_wandb_logs_what_tensorboard_gets_and_a_resume_continues_its_run(tmp_path):
     """--wandb in W&B's offline mode: the config, scalars and images land in RUN_DIR/wandb, and the
     resumed run writes under the same W&B run id."""

@@ -7,7 +7,7 @@ import pytest
 from dm_control import suite
 
 from conftest import ROOT
-from wrappers import default_action_repeat, make_env, parse_task, task_names
+from wrappers import check_display, default_action_repeat, make_env, parse_task, task_names
 
 
 def assert_state_is_the_observation(state, observation):
@@ -87,3 +87,17 @@ def test_cheetah_loads_without_mujocos_deprecation_warning():
               "logging.getLogger('absl').warning('another warning')")
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True)
     assert "settotalmass" not in result.stderr and "another warning" in result.stderr
+
+
+def test_glfw_without_a_display_is_refused_before_mujoco_fails(monkeypatch):
+    """MUJOCO_GL=glfw with no display: a dm_control env is refused with what to do (MuJoCo itself
+    would fail at the first frame with `gladLoadGL error`); a display, or a Gymnasium task, passes."""
+    monkeypatch.setenv("MUJOCO_GL", "glfw")
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    for obs in ("pixels", "state"):
+        with pytest.raises(ValueError, match="MUJOCO_GL=glfw without a display .* set MUJOCO_GL=egl or osmesa"):
+            make_env("cartpole-swingup", obs=obs)
+    make_env("gym:Pendulum-v1", obs="state").close()
+    monkeypatch.setenv("DISPLAY", ":0")
+    check_display()
