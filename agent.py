@@ -10,21 +10,35 @@ from model import features
 from utils import preprocess_observation
 
 
-def rollout_returns(rssm, reward_model, actions, belief, state, discount=1.0):
+def rollout_returns(rssm, reward_model, actions, belief, state, discount=1.0, stacked=None):
     """Predicted return of open-loop rollouts with prior samples: actions `(T, N, A)` from beliefs
     `(N, H)` and states `(N, S)` -> the sum of the reward model's means over the T steps, `(N,)`,
     the step k (from 0) weighted by `discount ** k`: 1 (HEAD, undiscounted) or 0.99 (camera-ready
     `0c6f7d3`, `control/planning.py:28,51-52`).
 
-    Rewards are added step by step instead of running the reward model on all T steps stacked:
-    `(N, 300)` activations stay in cache, and on a CPU the matmuls run twice as fast.
+    Two orders of the same sum; `stacked` picks one (None: by device). On a CPU rewards are added
+    step by step: `(N, 300)` activations stay in cache, and its matmuls run twice as fast as on
+    the `(T * N, 300)` stack. On a GPU every op is a kernel launch, and the launches are the cost:
+    there the reward model runs once on the T steps' stacked features, 7 launches instead of 7 T.
     """
-    returns = torch.zeros(actions.shape[1], device=actions.device)
-    for step, action in enumerate(actions):
+    if stacked is None:
+        stacked = actions.device.type != "cpu"
+    if not stacked:
+        returns = torch.zeros(actions.shape[1], device=actions.device)
+        for step, action in enumerate(actions):
+            belief, prior = rssm.img_step(state, action, belief)
+            state = prior.sample
+            returns += discount ** step * reward_model(features(belief, state))
+        return returns
+    feature = []
+    for action in actions:
         belief, prior = rssm.img_step(state, action, belief)
         state = prior.sample
-        returns += discount ** step * reward_model(features(belief, state))
-    return returns
+        feature.append(features(belief, state))
+    rewards = reward_model(torch.stack(feature))  # (T, N)
+    if discount != 1:
+        rewards = rewards * discount ** torch.arange(len(actions), device=actions.device)[:, None]
+    return rewards.sum(0)
 
 
 @functools.cache
@@ -68,16 +82,19 @@ def cem_plan(rssm, reward_model, belief, state, horizon=12, iterations=10, candi
 
 
 @functools.cache
-def captured_cem_plan(device_type):
+def captured_cem_plan(device_type, compile_rollout=False):
     """`cem_plan` for `--capture-planner`. On CUDA: the whole call, I x H rollout steps and the
-    refits, captured as one CUDA graph per batch shape (`capture.CUDAGraphed`), so that a call
-    launches it once instead of some 3,000 small kernels; its rollout compiled
-    (`compiled_rollout_returns`, which fuses each step's elementwise ops: Dynamo unrolls its H
-    steps, not the whole call's I x H). On a CPU, which has no graphs to capture: the whole call through
-    `torch.compile`. Random draws stay eager PyTorch's (`fallback_random`), so a seed gives the
-    eager plan up to float rounding. It compiles at the first call for each batch shape."""
+    refits, captured from eager PyTorch as one CUDA graph per batch shape (`capture.CUDAGraphed`),
+    so that a call launches one graph instead of some 3,000 small kernels; with `compile_rollout`
+    (`--compile-planner`) its rollout compiled inside the graph (`compiled_rollout_returns`). The
+    graph replays eager's kernels and draws eager's noise, so a seed gives the eager plan.
+    On a CPU, which has no graphs to capture: the whole call through `torch.compile`, its random
+    draws eager PyTorch's (`fallback_random`), a seed giving the eager plan up to float rounding;
+    it compiles at the first call for each batch shape."""
     if device_type == "cuda":
         graphed = CUDAGraphed(cem_plan)
+        if not compile_rollout:
+            return graphed
         return lambda *args, **kwargs: graphed(*args, **{**kwargs, "rollout": compiled_rollout_returns()})
     from inductor_pass import BiasAfterMatmul
     return torch.compile(cem_plan, dynamic=False, options={

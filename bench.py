@@ -25,19 +25,20 @@ import time
 
 import numpy as np
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from agent import Agent, planner_policy, play_episode, play_episodes
+from agent import Agent, cem_plan, planner_policy, play_episode, play_episodes
 from config import SPEED_PATHS, Config, apply_preset
 from runs import build_env, build_model, build_replay, test_seeds
 from train import gradient_function, train_model, update
-from utils import BatchPrefetcher, keep_freed_memory, resolve_device, set_matmul_precision
+from utils import BatchPrefetcher, keep_freed_memory, resolve_device, set_matmul_precision, write_json
 from wrappers import OBSERVATIONS, check_task, default_action_repeat, make_env, make_parallel_envs
 
 ENV_TASKS = ("cheetah-run", "cartpole-swingup")
 QUICK = {"batch_size": 4, "chunk_length": 8, "candidates": 16, "top_candidates": 4, "iterations": 2,
          "horizon": 3, "belief_size": 16, "state_size": 4, "hidden_size": 16, "reward_hidden_size": 16,
          "cnn_depth": 4, "embed_size": 16}
-FIGURES = ("update", "plan", "env", "iteration", "test")
+FIGURES = ("launches", "update", "plan", "env", "iteration", "test")
 
 
 def sync(device):
@@ -107,7 +108,7 @@ def bench_update(config, model, optimizer, buffer, device, repeats, warmup):
     generator = torch.Generator(device).manual_seed(0)
     batches = iter(BatchPrefetcher(buffer, config.batch_size, 2 * repeats + 2 * warmup, device,
                                    config.bit_depth, generator))
-    gradients = gradient_function(model, device, config.compile_update)
+    gradients = gradient_function(model, device, config.compile_update, config.capture_update)
     model.train()
     first = []
     times = {"update": timed(lambda: update(model, optimizer, next(batches), config, 10_000, gradients),
@@ -183,7 +184,7 @@ def bench_iteration(config, model, optimizer, buffer, device, updates, episode_s
     env = build_env(config, max_episode_length=episode_steps * config.action_repeat)
     agent = Agent(model, config.planner, config.bit_depth, plan=config.plan(device))
     generator = torch.Generator(device).manual_seed(0)
-    gradients = gradient_function(model, device, config.compile_update)
+    gradients = gradient_function(model, device, config.compile_update, config.capture_update)
     warm = dataclasses.replace(config, collect_interval=min(updates, 3))  # Compiled paths compile.
     train_model(model, optimizer, buffer, warm, device, generator, 10_000, gradients)
     play_episode(build_env(config, seed=1, max_episode_length=3 * config.action_repeat),
@@ -217,8 +218,168 @@ def bench_test(config, model, device, episodes, decisions):
     return rates
 
 
+class OpCounter(TorchDispatchMode):
+    """Counts the ATen operations dispatched, views left out (they launch nothing): the number of
+    kernels that eager PyTorch launches on a CPU, and a proxy of it on CUDA, where some ops are
+    fused kernels (nn.GRUCell) and a few launch two."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_launches(fn, device):
+    """-> {"ops": the non-view ATen ops that one `fn()` dispatches, and on CUDA, from the
+    profiler's trace of another, "kernels": the kernels, copies and fills that ran on the GPU
+    and "gpu_ms": their summed durations, the time the GPU was busy}. Eager, ops and kernels
+    are near each other; replaying a CUDA graph dispatches a handful of ops and runs the
+    graph's thousands of kernels."""
+    with OpCounter() as counter:
+        fn()
+    counts = {"ops": counter.ops}
+    if device.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+        sync(device)
+        with profile(activities=[ProfilerActivity.CUDA]) as trace:
+            fn()
+            sync(device)
+        kernels = [event for event in trace.events() if event.device_type == torch.autograd.DeviceType.CUDA]
+        counts["kernels"] = len(kernels)
+        counts["gpu_ms"] = sum(event.time_range.elapsed_us() for event in kernels) / 1000
+    return counts
+
+
+def bench_launches(config, model, optimizer, buffer, device):
+    """The launches of one update step (batch ready to Adam step done) and one CEM call, each
+    as `config` runs it (eager, or a warm captured graph)."""
+    batch = BatchPrefetcher(buffer, config.batch_size, 1, device, config.bit_depth).batch()
+    gradients = gradient_function(model, device, config.compile_update, config.capture_update)
+    step = lambda: update(model, optimizer, batch, config, 10_000, gradients)
+    belief, state = model.rssm.initial(1, device)
+    plan = config.plan(device)
+    call = lambda: plan(model.rssm, model.reward_model, belief, state, **config.planner)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        model.train()
+        for _ in range(2):  # A captured path captures here.
+            step()
+        update_counts = count_launches(step, device)
+        model.eval()
+        for _ in range(2):
+            call()
+        plan_counts = count_launches(call, device)
+    return {"update": update_counts, "plan": plan_counts}
+
+
 def speed_flag(name):
     return "--" + name.replace("_", "-")
+
+
+def parse_variant(text):
+    """`eager` or speed paths joined by commas (`capture_planner,tf32`) -> their settings, every
+    other path off. Raises ValueError for an unknown path."""
+    paths = [] if text == "eager" else text.replace("-", "_").split(",")
+    unknown = [path for path in paths if path not in SPEED_PATHS]
+    if unknown:
+        raise ValueError(f"unknown speed path {', '.join(unknown)} in --variants {text}; "
+                         f"known: eager, {', '.join(SPEED_PATHS)}")
+    return {name: name in paths for name in SPEED_PATHS}
+
+
+def measure(config, device, figures, repeats, quick, on_figure):
+    """Every figure of `figures` at `config`, calling `on_figure(results)` after each, so that a
+    run stopped half way keeps what it measured. -> (results, spread, printed rows)."""
+    set_matmul_precision(device, config.tf32)
+    # Compiled paths compile at the first call and, on CUDA, record their graphs at the next.
+    warmup = 3 if config.compile_update or config.capture_planner or config.capture_update else 1
+    rng = np.random.default_rng(0)
+    env = build_env(config)
+    model = build_model(config, env).to(device).eval()
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, eps=config.adam_epsilon)
+    buffer = filled_buffer(config, env, 4 if quick else 20, rng, device)
+    env.close()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
+               f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+               "torch": torch.__version__, "cuda": torch.version.cuda, "quick": quick,
+               "task": config.task, "obs": config.obs, "preset": config.preset,
+               "compile_planner": config.compile_planner, "speed_paths": config.speed_paths()}
+    spread, rows = {}, []  # rows: (name, summary, unit)
+
+    if "launches" in figures:
+        logging.info("kernel launches of an update step and a CEM call ...")
+        results["launches"] = bench_launches(config, model, optimizer, buffer, device)
+        for name, counts in results["launches"].items():
+            for kind, count in counts.items():
+                rows.append((f"launches, {name}: {kind}", summary([count]), "per call"))
+        on_figure(results)
+    if "update" in figures:
+        logging.info("update step (B=%d, L=%d) ...", config.batch_size, config.chunk_length)
+        updates = bench_update(config, model, optimizer, buffer, device, repeats, warmup)
+        for key, name in (("update", "update step"), ("sample", "  waiting for the prefetched batch"),
+                          ("gradients", "  loss + backward"), ("step", "  clip + Adam"),
+                          ("batch", "one batch: sample + transfer + preprocess")):
+            results[f"{key}_ms"] = updates[key]["median"]
+            rows.append((name, updates[key], "ms"))
+        results["update_first_s"] = updates.pop("update_first")["median"] / 1000
+        rows.append(("first update step (compiles, captures)", summary([results["update_first_s"]]), "s"))
+        spread.update(updates)
+        on_figure(results)
+    if "plan" in figures:
+        logging.info("CEM planning call (H=%d, I=%d, J=%d, K=%d) ...", config.horizon, config.iterations,
+                     config.candidates, config.top_candidates)
+        spread["plan"], first = bench_plan(config, model, device, repeats, warmup)
+        results["plan_ms"], results["plan_first_s"] = spread["plan"]["median"], first / 1000
+        rows.append(("CEM planning call", spread["plan"], "ms"))
+        rows.append(("first CEM call (compiles, captures)", summary([results["plan_first_s"]]), "s"))
+        on_figure(results)
+    if "env" in figures:
+        logging.info("environments ...")
+        tasks = ENV_TASKS if (config.task, config.obs) == (Config.task, Config.obs) else (config.task,)
+        spread["env"] = {task: summary([bench_env(task, 20 if quick else 250, config.obs)
+                                        for _ in range(max(1, repeats // 2))]) for task in tasks}
+        results["env_steps_per_s"] = {task: stats["median"] for task, stats in spread["env"].items()}
+        rows += [(f"env {task}", stats, "agent steps/s") for task, stats in spread["env"].items()]
+        on_figure(results)
+    if "iteration" in figures:
+        updates, steps = (2, 5) if quick else (config.collect_interval, 250)
+        logging.info("one training iteration (%d updates + an episode of %d steps) ...", updates, steps)
+        results["iteration_s"] = bench_iteration(config, model, optimizer, buffer, device, updates, steps)
+        results["iteration"] = {"updates": updates, "episode_steps": steps}
+        rows.append(("training iteration", summary([results["iteration_s"]]),
+                     f"s ({updates} updates + a {steps}-step episode)"))
+        on_figure(results)
+    if "test" in figures:
+        episodes, steps = (2, 1) if quick else (config.test_episodes, 3)
+        logging.info("a test of %d episodes of %d steps, in parallel and one after another ...", episodes, steps)
+        results["test_steps_per_s"] = bench_test(config, model, device, episodes, steps)
+        results["test"] = {"episodes": episodes, "steps_per_episode": steps}
+        rows += [(f"test, {mode}", summary([rate]), f"agent steps/s ({episodes} episodes of {steps} steps)")
+                 for mode, rate in results["test_steps_per_s"].items()]
+        on_figure(results)
+    results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rows.append(("peak host memory (RSS)", summary([results["peak_rss_mb"]]), "MB"))
+    if device.type == "cuda":
+        results["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+        rows.append(("peak GPU memory", summary([results["peak_gpu_mb"]]), "MB"))
+    on_figure(results)
+    return results, spread, rows
+
+
+def print_table(results, rows, config, quick):
+    flags = [speed_flag(name) for name in results["speed_paths"]] + ["--compile-planner"] * config.compile_planner
+    print(f"\n{results['device']}, torch {torch.__version__}, {config.task} from {config.obs}"
+          f"{', preset ' + config.preset if config.preset else ''}"
+          f"{', ' + ' '.join(flags) if flags else ', eager'}"
+          f"{' (quick: not the benchmark)' if quick else ''}")
+    print(f"{'figure':42} {'median':>10} {'min':>10} {'max':>10} {'runs':>5}")
+    for name, stats, unit in rows:
+        print(f"{name:42} {stats['median']:>10.1f} {stats['min']:>10.1f} {stats['max']:>10.1f} {stats['runs']:>5}  {unit}")
 
 
 def main(argv=None):
@@ -233,12 +394,18 @@ def main(argv=None):
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run at tiny sizes")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per figure (default 7; quick 2)")
-    parser.add_argument("--figures", nargs="+", choices=FIGURES, default=list(FIGURES),
-                        help="measure only these")
+    parser.add_argument("--figures", nargs="+", choices=FIGURES, default=[f for f in FIGURES if f != "launches"],
+                        help="measure only these (launches: the kernels of an update step and a CEM call)")
     parser.add_argument("--compile-planner", action="store_true",
                         help="plan with the compiled rollout, as train.py --compile-planner")
     for name in SPEED_PATHS:
-        parser.add_argument(speed_flag(name), action="store_true", help=f"as train.py {speed_flag(name)}")
+        parser.add_argument(speed_flag(name), action=argparse.BooleanOptionalAction, default=None,
+                            help=f"as train.py {speed_flag(name)} (default: the device's, as train.py's)")
+    parser.add_argument("--variants", nargs="+", default=None, metavar="PATHS",
+                        help="measure each of these in turn in this one process, instead of the speed "
+                             "path flags: eager, or speed paths joined by commas (capture_planner,tf32); "
+                             "env for the first only, iteration and test for the last only; "
+                             "--json then holds {variant: figures}, written after every figure")
     parser.add_argument("--check", metavar="OUT_DIR", default=None,
                         help="check and measure this machine end to end instead (check.py): set-up, "
                              "the device tests, the figures of each speed path, a training run "
@@ -247,99 +414,46 @@ def main(argv=None):
                         help="with --check: seconds for all of it; it ends by then, whatever hangs")
     parser.add_argument("--work-dir", default=None,
                         help="with --check: where the training run goes (default: a new temporary folder)")
+    parser.add_argument("--steps", nargs="+", default=None,
+                        help="with --check: only these of its steps (setup correctness figures training evaluation)")
     args = parser.parse_args(argv)
     if args.check:
         import check  # Which imports this module for its figures.
-        return check.main(args.check, args.deadline, args.device, args.quick, args.work_dir)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
+        return check.main(args.check, args.deadline, args.device, args.quick, args.work_dir, args.steps)
+    logging.basicConfig(level=logging.INFO, format="%(relativeCreated)7.0f ms  %(message)s", force=True)
     keep_freed_memory()
     try:
         device = resolve_device(args.device)
         check_task(args.task, args.obs)
         settings = apply_preset({"task": args.task, "obs": args.obs, "preset": args.preset,
                                  "action_repeat": default_action_repeat(args.task)})
+        flags = {name: getattr(args, name) for name in SPEED_PATHS if getattr(args, name) is not None}
+        variants = {text: parse_variant(text) for text in args.variants or []} or {"": flags}
     except ValueError as error:
         parser.error(str(error))
     repeats = args.repeats or (2 if args.quick else 7)
-    torch.manual_seed(0)
-    rng = np.random.default_rng(0)
-    paths = {name: getattr(args, name) for name in SPEED_PATHS}
-    # The paper's sizes unless a preset is given: cheetah-run, B=50, L=50, H=12, I=10, J=1000, K=100.
-    config = Config(**{**settings, "compile_planner": args.compile_planner, **paths, **(QUICK if args.quick else {})})
-    set_matmul_precision(device, config.tf32)
-    # Compiled paths compile at the first call and, on CUDA, record their graphs at the next.
-    warmup = 3 if config.compile_update or config.capture_planner else 1
-    env = build_env(config)
-    model = build_model(config, env).to(device).eval()
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, eps=config.adam_epsilon)
-    buffer = filled_buffer(config, env, 4 if args.quick else 20, rng, device)
-    env.close()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
-               f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-               "torch": torch.__version__, "cuda": torch.version.cuda, "quick": args.quick,
-               "task": config.task, "obs": config.obs, "preset": config.preset,
-               "compile_planner": args.compile_planner, "speed_paths": [name for name, on in paths.items() if on]}
-    spread, rows = {}, []  # rows: (name, summary, unit)
+    measured = {}
 
-    if "update" in args.figures:
-        logging.info("update step (B=%d, L=%d) ...", config.batch_size, config.chunk_length)
-        updates = bench_update(config, model, optimizer, buffer, device, repeats, warmup)
-        for key, name in (("update", "update step"), ("sample", "  waiting for the prefetched batch"),
-                          ("gradients", "  loss + backward"), ("step", "  clip + Adam"),
-                          ("batch", "one batch: sample + transfer + preprocess")):
-            results[f"{key}_ms"] = updates[key]["median"]
-            rows.append((name, updates[key], "ms"))
-        results["update_first_s"] = updates.pop("update_first")["median"] / 1000
-        rows.append(("first update step (compiles, captures)", summary([results["update_first_s"]]), "s"))
-        spread.update(updates)
-    if "plan" in args.figures:
-        logging.info("CEM planning call (H=%d, I=%d, J=%d, K=%d) ...", config.horizon, config.iterations,
-                     config.candidates, config.top_candidates)
-        spread["plan"], first = bench_plan(config, model, device, repeats, warmup)
-        results["plan_ms"], results["plan_first_s"] = spread["plan"]["median"], first / 1000
-        rows.append(("CEM planning call", spread["plan"], "ms"))
-        rows.append(("first CEM call (compiles, captures)", summary([results["plan_first_s"]]), "s"))
-    if "env" in args.figures:
-        logging.info("environments ...")
-        tasks = ENV_TASKS if (config.task, config.obs) == (Config.task, Config.obs) else (config.task,)
-        spread["env"] = {task: summary([bench_env(task, 20 if args.quick else 250, config.obs)
-                                        for _ in range(max(1, repeats // 2))]) for task in tasks}
-        results["env_steps_per_s"] = {task: stats["median"] for task, stats in spread["env"].items()}
-        rows += [(f"env {task}", stats, "agent steps/s") for task, stats in spread["env"].items()]
-    if "iteration" in args.figures:
-        updates, steps = (2, 5) if args.quick else (config.collect_interval, 250)
-        logging.info("one training iteration (%d updates + an episode of %d steps) ...", updates, steps)
-        results["iteration_s"] = bench_iteration(config, model, optimizer, buffer, device, updates, steps)
-        results["iteration"] = {"updates": updates, "episode_steps": steps}
-        rows.append(("training iteration", summary([results["iteration_s"]]),
-                     f"s ({updates} updates + a {steps}-step episode)"))
-    if "test" in args.figures:
-        episodes, steps = (2, 1) if args.quick else (config.test_episodes, 3)
-        logging.info("a test of %d episodes of %d steps, in parallel and one after another ...", episodes, steps)
-        results["test_steps_per_s"] = bench_test(config, model, device, episodes, steps)
-        results["test"] = {"episodes": episodes, "steps_per_episode": steps}
-        rows += [(f"test, {mode}", summary([rate]), f"agent steps/s ({episodes} episodes of {steps} steps)")
-                 for mode, rate in results["test_steps_per_s"].items()]
-    results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    rows.append(("peak host memory (RSS)", summary([results["peak_rss_mb"]]), "MB"))
-    if device.type == "cuda":
-        results["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-        rows.append(("peak GPU memory", summary([results["peak_gpu_mb"]]), "MB"))
-    results["spread"] = spread
+    def write(name, results):
+        measured[name] = {**results}
+        if args.json:
+            write_json(args.json, measured if args.variants else measured[""])
 
-    flags = [speed_flag(name) for name in results["speed_paths"]] + ["--compile-planner"] * args.compile_planner
-    print(f"\n{results['device']}, torch {torch.__version__}, {config.task} from {config.obs}"
-          f"{', preset ' + config.preset if config.preset else ''}"
-          f"{', ' + ' '.join(flags) if flags else ', eager'}"
-          f"{' (quick: not the benchmark)' if args.quick else ''}")
-    print(f"{'figure':42} {'median':>10} {'min':>10} {'max':>10} {'runs':>5}")
-    for name, stats, unit in rows:
-        print(f"{name:42} {stats['median']:>10.1f} {stats['min']:>10.1f} {stats['max']:>10.1f} {stats['runs']:>5}  {unit}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    for i, (name, paths) in enumerate(variants.items()):
+        # With variants, the envs (which no speed path changes) run for the first only, and the
+        # slowest figures (iteration, test) for the last only, the candidate for training.
+        figures = [f for f in args.figures if not args.variants or
+                   (f != "env" or i == 0) and (f not in ("iteration", "test") or i == len(variants) - 1)]
+        torch.manual_seed(0)
+        # The paper's sizes unless a preset is given: cheetah-run, B=50, L=50, H=12, I=10, J=1000, K=100.
+        config = Config(**{**settings, "compile_planner": args.compile_planner, **paths,
+                           **(QUICK if args.quick else {})}).for_device(device)
+        if name:
+            logging.info("variant %s", name)
+        results, spread, rows = measure(config, device, figures, repeats, args.quick,
+                                        lambda results: write(name, results))
+        write(name, {**results, "spread": spread})
+        print_table(results, rows, config, args.quick)
 
 
 if __name__ == "__main__":

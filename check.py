@@ -30,38 +30,44 @@ from utils import read_jsonl, write_json, write_jsonl
 
 ROOT = Path(__file__).resolve().parent
 # Share of the time left that each step gets when it starts (what one leaves goes to the next),
-# and the seconds it gets at least, as long as the later steps keep theirs.
-# On the H200 (2026-11-30, deadline 530 s) eager bench.py alone needed over a minute, and the
-# figures are what the check is for: they get the largest share.
-SHARES = {"setup": 0.04, "correctness": 0.2, "figures": 0.4, "training": 0.22, "evaluation": 0.14}
+# and the seconds it gets at least, as long as the later steps keep theirs. Training gets the most:
+# a paper-settings run is the one result that needs the GPU's minutes. On the H200 (2026-11-30)
+# a process start took about 10 s and eager bench.py over a minute, so the figures run in two
+# bench processes only (every variant in one, `bench.py --variants`).
+SHARES = {"setup": 0.03, "correctness": 0.12, "figures": 0.2, "training": 0.55, "evaluation": 0.1}
 MIN_SECONDS = {"setup": 15, "correctness": 20, "figures": 20, "training": 30, "evaluation": 30}
 # The tests of tests/test_device.py that a speed path must pass before the training run uses it.
+# `[all]` is every path that training may combine, at once.
 PATH_TESTS = {
-    "capture_planner": ("test_cem_plan_matches_eager[capture_planner]",),
+    "capture_planner": ("test_cem_plan_matches_eager[capture_planner]", "test_cem_plan_matches_eager[all]"),
+    "capture_update": ("test_update_step_matches_the_cpu[capture_update]",
+                       "test_update_step_with_samples_matches_eager_on_the_device[capture_update]",
+                       "test_update_step_matches_the_cpu[all]"),
     "compile_update": ("test_update_step_matches_the_cpu[compile_update]",
                        "test_update_step_with_samples_matches_eager_on_the_device[compile_update]"),
     "replay_on_device": ("test_device_replay_samples_what_the_host_replay_samples",
                          "test_checkpoints_move_between_the_cpu_and_the_device"),
-    "tf32": ("test_update_step_matches_the_cpu[tf32]", "test_rollout_returns_match_eager[tf32]"),
-    "bf16": ("test_update_step_matches_the_cpu[bf16]",),
+    "tf32": ("test_update_step_matches_the_cpu[tf32]", "test_rollout_returns_match_eager[tf32]",
+             "test_update_step_matches_the_cpu[all]", "test_cem_plan_matches_eager[all]"),
+    "bf16": ("test_update_step_matches_the_cpu[bf16]", "test_update_step_matches_the_cpu[all]"),
 }
-# What each path speeds up, so that its figures run only those, and the weight of its bench run
-# in the figures' time. The compiled paths compile first: the paper-size loss and its backward
-# took 382 s to compile on the 2-core development VM (once per process), which 16 cores cut.
-PATH_FIGURES = {"capture_planner": ["plan"], "compile_update": ["update"],
+# What each path speeds up: a path is left out of training if one of these figures was slower
+# than every eager run of it (outside eager's spread, not a fixed ratio inside it).
+PATH_FIGURES = {"capture_planner": ["plan"], "capture_update": ["update"], "compile_update": ["update"],
                 "replay_on_device": ["update"], "tf32": ["update", "plan"], "bf16": ["update"]}
-BENCH_WEIGHTS = {"eager": 1.5, "capture_planner": 2, "compile_update": 4, "replay_on_device": 0.5,
-                 "tf32": 0.6, "bf16": 0.5, "chosen": 3.5}
-# --quick: the device tests that take seconds on a CPU (no compiling, no training runs, and no
-# bf16, which a CPU without bf16 units runs about 3 times slower).
-QUICK_TESTS = "not compile_update and not capture_planner and not all and not checkpoints and not bf16"
+# Of the figures' time: the variants, then the paths chosen for training (iteration and test).
+VARIANTS_SHARE = 0.6
+# The device tests that compile (minutes on a GPU for the paper-size... here tiny models, still
+# the slowest): they run last, so that a timeout loses only them. --quick leaves them out, and
+# bf16, which a CPU without bf16 units runs about 3 times slower, and the training runs.
+COMPILE_TESTS = "compile_update"
+QUICK_TESTS = "not compile_update and not capture and not all and not checkpoints and not bf16"
 TRAIN_TASK = "cartpole-swingup"
 QUICK_TRAIN = ["--max-episode-length", "200", "--seed-episodes", "2", "--collect-interval", "3",
                "--batch-size", "4", "--chunk-length", "8", "--horizon", "3", "--iterations", "2",
                "--candidates", "16", "--top-candidates", "4", "--test-interval", "2",
                "--test-episodes", "2", "--belief-size", "16", "--state-size", "4",
                "--hidden-size", "16", "--reward-hidden-size", "16", "--cnn-depth", "4"]
-SLOWER = 1.1  # A path this much slower than eager in its figures is not used for training.
 LOG_LIMIT = 200_000  # Characters of each subprocess's output kept in the log.
 
 
@@ -180,15 +186,24 @@ class Check:
         return status, error_text(status, seconds, text)
 
     def correctness(self, budget_end):
+        """The device tests; those that compile in a second pytest run after the others, so that
+        the others' outcomes stand even if compiling runs out of time."""
         command = [sys.executable, "-m", "pytest", "-v", "-rs", "-p", "no:cacheprovider", "-m", "device",
-                   "--device", self.device, "tests/test_device.py"]
-        if self.quick:
-            command += ["-k", QUICK_TESTS]
-        status, seconds, text = self.run("correctness", command, budget_end - time.monotonic())
-        outcomes = test_outcomes(text)  # Read from the output: those that ran before a timeout count.
-        paths = {path: path_status(outcomes, tests) for path, tests in PATH_TESTS.items()}
+                   "--device", self.device, "tests/test_device.py", "-k"]
+        runs = [("correctness", QUICK_TESTS)] if self.quick else [
+            ("correctness", f"not {COMPILE_TESTS}"), ("correctness-compile", COMPILE_TESTS)]
+        outcomes, statuses, errors = {}, [], []
+        for name, selection in runs:
+            status, seconds, text = self.run(name, command + [selection], budget_end - time.monotonic())
+            outcomes.update(test_outcomes(text))  # Read from the output: those that ran before a timeout count.
+            statuses.append(status)
+            errors.append(error_text(status, seconds, text))
+        # --quick runs no combination tests: its paths pass on their own tests.
+        paths = {path: path_status(outcomes, [t for t in tests if not (self.quick and "[all]" in t)])
+                 for path, tests in PATH_TESTS.items()}
         self.summary["correctness"] = {"tests": outcomes, "paths": paths}
-        return status, error_text(status, seconds, text)
+        failed = [status for status in statuses if status != "ok"]
+        return (failed[0] if failed else "ok"), "\n".join(e for e in errors if e) or None
 
     def passed_paths(self):
         paths = self.summary.get("correctness", {}).get("paths", {})
@@ -197,70 +212,93 @@ class Check:
     def training_paths(self):
         """The paths that passed their tests, less those that the figures showed slower than eager
         (bf16 on a CPU without bf16 units, say; not --quick's figures, which measure nothing).
-        -> (paths, {path left out: why})."""
+        -> (paths, {path left out: why}); paths None when this check ran no device tests: then
+        training takes the device's defaults (`config.CUDA_DEFAULTS`)."""
+        if "correctness" not in self.summary:
+            return None, {}
         if self.quick:
             return self.passed_paths(), {}
         figures, statuses = self.summary.get("figures", {}), self.summary.get("figures_status", {})
         eager, chosen, left_out = figures.get("eager", {}), [], {}
         for path in self.passed_paths():
-            if path not in figures:  # Its bench run failed or ran out of time: not shown to work.
+            ours = figures.get(path, {})
+            missing = [f for f in PATH_FIGURES[path] if f"{f}_ms" not in ours]
+            if missing:  # Its bench run failed or ran out of time: not shown to work.
                 left_out[path] = f"its figures: {statuses.get(path, 'not measured')}"[:300]
                 continue
-            ours = figures[path]
-            slower = [f"{key} {ours[key]:.4g} > {eager[key]:.4g}" for key in (f"{f}_ms" for f in PATH_FIGURES[path])
-                      if key in ours and key in eager and ours[key] > SLOWER * eager[key]]
+            slower = [f"{f}_ms {ours[f + '_ms']:.4g} > eager's slowest {slowest(eager, f):.4g}"
+                      for f in PATH_FIGURES[path] if slowest(eager, f) is not None and ours[f + "_ms"] > slowest(eager, f)]
             if slower:
                 left_out[path] = "slower than eager: " + ", ".join(slower)
             else:
                 chosen.append(path)
         return chosen, left_out
 
+    def bench(self, name, variants, figures, seconds):
+        """One bench.py process measuring `variants` (each a list of paths) in turn; their figures
+        into the summary, as far as it got, also after a timeout. -> the status."""
+        out = self.work / f"bench-{name}.json"
+        out.unlink(missing_ok=True)
+        command = [sys.executable, "bench.py", "--device", self.device, "--json", out, "--figures", *figures,
+                   "--variants", *(",".join(paths) or "eager" for paths in variants)]
+        command += ["--quick", "--repeats", "1"] if self.quick else []
+        status, seconds, text = self.run(f"bench-{name}", command, seconds)
+        measured = json.loads(out.read_text()) if out.exists() else {}
+        results, statuses = self.summary.setdefault("figures", {}), self.summary.setdefault("figures_status", {})
+        for paths in variants:
+            key = name if name == "chosen" else (paths[0] if paths else "eager")
+            variant = ",".join(paths) or "eager"
+            if variant in measured:
+                results[key] = measured[variant]
+            complete = variant in measured and "peak_rss_mb" in measured[variant]
+            statuses[key] = "ok" if complete else error_text(status if status != "ok" else "failed",
+                                                             seconds, text, 400)
+        self.save()
+        return status
+
     def figures(self, budget_end):
-        """bench.py eager (update, plan and env), then (not --quick) each path that passed alone
-        with the figures it speeds up, then the paths that training will use (`training_paths`,
-        eager where none) with the training iteration and the test; and the hours of a paper run
-        at those figures. A path that failed its tests is not measured: it stays off whatever its
-        speed."""
-        runs = [("eager", [], ["update", "plan"] if self.quick else ["update", "plan", "env"])]
-        runs += [] if self.quick else [(path, [path], PATH_FIGURES[path]) for path in self.passed_paths()]
-        weights = [BENCH_WEIGHTS[name] for name, _, _ in runs] + [BENCH_WEIGHTS["chosen"]]
-        results, statuses = self.summary.setdefault("figures", {}), {}
-        for i, (name, paths, figures) in enumerate(runs + [("chosen", None, None)]):
-            if name == "chosen":  # Decided by the figures so far.
-                paths = self.training_paths()[0]
-                figures = ["update", "plan"] if self.quick else ["update", "plan", "iteration", "test"]
-            out = self.work / f"bench-{name}.json"
-            command = [sys.executable, "bench.py", "--device", self.device, "--json", out,
-                       "--figures", *figures, *(flag(path) for path in paths)]
-            command += ["--quick", "--repeats", "1"] if self.quick else []
-            seconds = (budget_end - time.monotonic()) * weights[i] / sum(weights[i:])
-            status, seconds, text = self.run(f"bench-{name}", command, seconds)
-            statuses[name] = status if status == "ok" else error_text(status, seconds, text, 400)
-            if status == "ok":
-                results[name] = {k: v for k, v in json.loads(out.read_text()).items() if k != "spread"}
-            self.summary["figures_status"] = statuses
-            self.save()
+        """One bench.py process: eager (its kernel launches, the update step, the CEM call, the
+        envs) and each path that passed alone (update step and CEM call). A second: the paths
+        that training will use (`training_paths`; the device's defaults if this check ran no
+        device tests; eager where none passed) with the training iteration and the test; and the
+        hours of a paper run at those figures. A path that failed its tests is not measured: it
+        stays off whatever its speed."""
+        # Compiling takes minutes: the compiled path last, so that it holds up no other figure.
+        passed = sorted(self.passed_paths(), key=lambda path: path == "compile_update")
+        variants = [[]] + ([] if self.quick else [[path] for path in passed])
+        first = ["update", "plan"] if self.quick else ["launches", "update", "plan", "env"]
+        status = self.bench("variants", variants, first, (budget_end - time.monotonic()) * VARIANTS_SHARE)
+        paths = self.training_paths()[0]
+        chosen = [path for path in (paths if paths is not None else self.default_paths())]
+        second = ["update", "plan"] if self.quick else ["update", "plan", "iteration", "test"]
+        chosen_status = self.bench("chosen", [chosen], second, budget_end - time.monotonic())
         if not self.quick:
-            self.summary["projection"] = projection(results.get("chosen", {}))
-        errors = [f"{name}: {text}" for name, text in statuses.items() if text != "ok"]
-        return ("ok" if not errors else "failed"), "\n".join(errors) or None
+            self.summary["projection"] = projection(self.summary["figures"].get("chosen", {}))
+        errors = [f"{name}: {text}" for name, text in self.summary["figures_status"].items() if text != "ok"]
+        ok = status == chosen_status == "ok" and not errors
+        return ("ok" if ok else "failed"), "\n".join(errors) or None
+
+    def default_paths(self):
+        from config import Config
+        return Config().for_device(self.device).speed_paths()
 
     def training(self, budget_end):
         """Train until the budget is spent (or the run is done): SIGKILL once the run has
         checkpointed an episode collected with the planner, then --resume."""
         run_dir = self.work / "run"
         paths, left_out = self.training_paths()
-        command = [sys.executable, "train.py", "--task", TRAIN_TASK, "--device", self.device,
-                   *(flag(path) for path in paths)]
+        flags = [] if paths is None else [flag(path) if path in paths else flag(path, False) for path in SPEED_PATHS]
+        command = [sys.executable, "train.py", "--task", TRAIN_TASK, "--device", self.device, *flags]
         command += [*QUICK_TRAIN, "--episodes", "5"] if self.quick else ["--episodes", "100"]
         record = self.summary["training"] = {"command": " ".join(command[1:]) + f" --run-dir {run_dir}",
-                                             "speed_paths": paths, "paths_left_out": left_out,
+                                             "speed_paths": self.default_paths() if paths is None else paths,
+                                             "paths_left_out": left_out,
                                              "run_dir": str(run_dir)}
         seed_episodes = int(command[command.index("--seed-episodes") + 1]) if self.quick else 5
         metrics = run_dir / "metrics.jsonl"
         planned = lambda: any(r.get("episodes", 0) > seed_episodes for r in read_jsonl(metrics))
-        # The kill: after the first planned episode's checkpoint, or half way through the budget.
-        kill_at = time.monotonic() + (budget_end - time.monotonic()) / 2
+        # The kill: after the first planned episode's checkpoint, or a third of the way through.
+        kill_at = time.monotonic() + (budget_end - time.monotonic()) / 3
         first = self.launch("train", command + ["--run-dir", run_dir])
         status, _, text = self.finish(first, kill_at, poll=lambda: planned() and checkpointed(run_dir, metrics)
                                       and kill_group(first, wait=False))
@@ -358,8 +396,14 @@ def projection(figures):
             "test_s": round(test_s, 1), "from": figures.get("speed_paths") or "eager"}
 
 
-def flag(path):
-    return "--" + path.replace("_", "-")
+def flag(path, on=True):
+    return ("--" if on else "--no-") + path.replace("_", "-")
+
+
+def slowest(figures, name):
+    """The slowest run of figure `name` (update or plan) in bench.py's figures, or None."""
+    stats = figures.get("spread", {}).get(name)
+    return stats["max"] if stats else figures.get(f"{name}_ms")
 
 
 def error_text(status, seconds, text, characters=2000):
@@ -403,13 +447,16 @@ def path_status(outcomes, tests):
     return "passed" if all(outcomes.get(test) == "passed" for test in tests) else "untested"
 
 
-def main(out_dir, deadline, device="auto", quick=False, work_dir=None):
-    """Run the check; -> exit status 0 when every step is ok."""
+def main(out_dir, deadline, device="auto", quick=False, work_dir=None, steps=None):
+    """Run the check, or only its `steps`; -> exit status 0 when every step is ok."""
     if device == "auto":
         import torch
         device = "cuda" if torch.cuda.is_available() else "cpu"
     check = Check(out_dir, deadline, device, quick, work_dir)
-    names = list(SHARES)
+    unknown = sorted(set(steps or []) - set(SHARES))
+    if unknown:
+        sys.exit(f"error: unknown --steps {', '.join(unknown)}; the steps are {', '.join(SHARES)}")
+    names = [name for name in SHARES if not steps or name in steps]
     for i, name in enumerate(names):
         check.step(name, names[i + 1:], getattr(check, name))
     print(check.table())

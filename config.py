@@ -21,7 +21,11 @@ POSITIVE = ("episodes", "seed_episodes", "collect_interval", "batch_size", "chun
             "state_size", "hidden_size", "reward_hidden_size", "reward_layers", "cnn_depth", "embed_size",
             "bit_depth")
 # Every other setting stays the run's own on --resume.
-SPEED_PATHS = ("capture_planner", "compile_update", "replay_on_device", "tf32", "bf16")
+SPEED_PATHS = ("capture_planner", "capture_update", "compile_update", "replay_on_device", "tf32", "bf16")
+# The speed paths on by default on CUDA, each because it passed its device tests on an H200 and was
+# faster there (docs/speed.md, "On a GPU"). A path left unset (None) takes its device's default:
+# this on CUDA, off on a CPU. A flag given (`--tf32`, `--no-tf32`) wins.
+CUDA_DEFAULTS = {}
 RESUME_MAY_CHANGE = ("episodes", "device", "nan_policy", "compile_planner", "wandb") + SPEED_PATHS
 
 
@@ -65,16 +69,20 @@ class Config:
     compile_planner: bool = option(False, "torch.compile the planner's rollout: fused elementwise "
                                    "ops, the same function up to float rounding, compiled at the first step")
     # Speed paths for a GPU, each the same function up to float rounding (tests/test_device.py
-    # checks it on the device: `python bench.py --check` runs them there); off until shown there.
-    capture_planner: bool = option(False, "torch.compile the whole CEM call, on CUDA captured as one "
-                                   "CUDA graph per batch size; supersedes --compile-planner")
-    compile_update: bool = option(False, "torch.compile the loss, and so its backward, on CUDA both "
-                                  "captured as one CUDA graph of the whole L-step unroll")
-    replay_on_device: bool = option(False, "keep the replay buffer on the device (uint8 frames) and "
+    # checks it on the device: `python bench.py --check` runs them there). None: the device's
+    # default (`CUDA_DEFAULTS` on CUDA, off on a CPU), decided when the run starts (`for_device`).
+    capture_planner: bool = option(None, "capture the whole CEM call as one CUDA graph per batch "
+                                   "size (no compiler; with --compile-planner its rollout compiled "
+                                   "inside); on a CPU, which has no graphs, torch.compile the whole call")
+    capture_update: bool = option(None, "capture the loss and its backward as one CUDA graph of the "
+                                  "whole L-step unroll (no compiler); CUDA only, eager on a CPU")
+    compile_update: bool = option(None, "torch.compile the loss, and so its backward (minutes to "
+                                  "compile); on CUDA also captured as one CUDA graph")
+    replay_on_device: bool = option(None, "keep the replay buffer on the device (uint8 frames) and "
                                     "sample batches by indexing there, with no host copy")
-    tf32: bool = option(False, "CUDA only: float32 matmuls and convolutions on TF32 tensor cores "
+    tf32: bool = option(None, "CUDA only: float32 matmuls and convolutions on TF32 tensor cores "
                         "(off: full float32, convolutions included)")
-    bf16: bool = option(False, "run the encoder and decoder under bf16 autocast (outputs, RSSM and "
+    bf16: bool = option(None, "run the encoder and decoder under bf16 autocast (outputs, RSSM and "
                         "losses stay float32)")
     # Evaluation and saving.
     test_interval: int = option(10, "episodes between noise-free tests")
@@ -142,7 +150,8 @@ class Config:
     @property
     def planner(self):
         """The keyword arguments of `cem_plan`."""
-        compiled = self.compile_planner and not self.capture_planner  # Else compiled whole, or not.
+        # Captured, the call passes the compiled rollout itself (CUDA) or compiles whole (CPU).
+        compiled = self.compile_planner and not self.capture_planner
         return {"horizon": self.horizon, "iterations": self.iterations,
                 "candidates": self.candidates, "top_candidates": self.top_candidates,
                 "discount": self.planner_discount,
@@ -150,7 +159,22 @@ class Config:
 
     def plan(self, device):
         """The CEM function that agents on `device` call with `planner`."""
-        return captured_cem_plan(torch.device(device).type) if self.capture_planner else cem_plan
+        if not self.capture_planner:
+            return cem_plan
+        return captured_cem_plan(torch.device(device).type, self.compile_planner)
+
+    def for_device(self, device):
+        """This config with each speed path left unset (None) set to `device`'s default: on CUDA
+        `CUDA_DEFAULTS`, elsewhere off. The run keeps None in its config.json, so that a run
+        resumed on another device takes that device's defaults."""
+        cuda = torch.device(device).type == "cuda"
+        return dataclasses.replace(self, **{
+            name: (CUDA_DEFAULTS.get(name, False) if cuda else False)
+            for name in SPEED_PATHS if getattr(self, name) is None})
+
+    def speed_paths(self):
+        """The names of the speed paths that are on."""
+        return [name for name in SPEED_PATHS if getattr(self, name)]
 
 
 # Smaller settings for a machine without a GPU. Each keeps the paper's method (the same model
@@ -233,8 +257,10 @@ def parse_args(argv=None):
                              "<log-dir>/<task>/<time>; for sweeps that need known paths")
     for f in dataclasses.fields(Config):
         kind = {"action": argparse.BooleanOptionalAction} if f.type is bool else {"type": f.type}
+        default = (f"{'on' if CUDA_DEFAULTS.get(f.name) else 'off'} on CUDA, off on a CPU"
+                   if f.name in SPEED_PATHS else f.default)
         parser.add_argument("--" + f.name.replace("_", "-"), **kind,
-                            help=f"{f.metadata['help']} (default: {f.default})")
+                            help=f"{f.metadata['help']} (default: {default})")
     given = vars(parser.parse_args(argv))  # Only the flags on the command line.
     resume, run_dir = given.pop("resume", None), given.pop("run_dir", None)
     if resume and run_dir:

@@ -39,7 +39,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import FuncFormatter
 
-from config import Config
+from config import SPEED_PATHS, Config
 from scores import PAPER_SCORES, all_runs, random_level, score_report
 from wrappers import default_action_repeat, task_list
 
@@ -58,8 +58,7 @@ BASELINE_STYLE = {"PlaNet": ("tab:red", "PlaNet, paper (1000 episodes)"),
                   "D4PG": ("tab:gray", "D4PG, paper (pixels, 100k episodes)")}
 # Settings that tell runs apart without changing the method: never what makes a variant.
 NOT_A_VARIANT = ("seed", "log_dir", "device", "episodes", "nan_policy", "compile_planner",
-                 "checkpoint_interval", "capture_planner", "compile_update", "replay_on_device", "tf32",
-                 "bf16", "wandb")
+                 "checkpoint_interval", *SPEED_PATHS, "wandb")
 VARIANT_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink",
                   "tab:olive", "tab:cyan")
 

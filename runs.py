@@ -97,7 +97,7 @@ def read_checkpoint(run_dir, config, model, device):
 
 def load_run(run_dir, device):
     """The config, the model (in eval mode) and the checkpoint of a run, e.g. one still training."""
-    config = read_config(run_dir)
+    config = read_config(run_dir).for_device(device)
     set_matmul_precision(device, config.tf32)
     envs = build_envs(config)
     model = build_model(config, envs[0]).to(device)

@@ -40,26 +40,28 @@ DAY = 24 * 3600  # Seconds: a projected run longer than this on a CPU is worth a
 
 # --- One update and C of them. ---
 
-def gradient_function(model, device, compile_update=False):
+def gradient_function(model, device, compile_update=False, capture_update=False):
     """-> `gradients(*loss_args) -> (loss, terms)`, which leaves d loss / d parameters in `.grad`.
 
-    Eager: zero the gradients, `model.loss`, backward. `--compile-update` runs `model.loss`
-    through `torch.compile`, which also compiles its backward (AOTAutograd); random draws stay
-    eager PyTorch's (`fallback_random`), so a seed gives the eager loss up to float rounding. On
-    CUDA the compiled forward and backward are then captured as one CUDA graph per batch shape
-    (`capture.CapturedGradients`): the L-step RSSM unroll, some thousands of small kernels, is one
-    launch. Inductor's layout optimisation stays off there: it turns the decoder's transposed
-    convs channels-last, whose backward cuDNN returns in other strides than Inductor expects
+    Eager: zero the gradients, `model.loss`, backward. `--capture-update` (CUDA): the eager loss
+    and its backward captured as one CUDA graph per batch shape (`capture.CapturedGradients`), so
+    that the L-step RSSM unroll, some thousands of small kernels, is one launch; no compiler.
+    `--compile-update` runs `model.loss` through `torch.compile`, which also compiles its
+    backward (AOTAutograd), and on CUDA captures the compiled pair likewise; random draws stay
+    eager PyTorch's (`fallback_random`), so a seed gives the eager loss up to float rounding.
+    Inductor's layout optimisation stays off on CUDA: it turns the decoder's transposed convs
+    channels-last, whose backward cuDNN returns in other strides than Inductor expects
     (pytorch/pytorch#171622; it failed our device test on an H200). Gradient clipping and Adam
-    stay eager: a handful of multi-tensor kernels. Compiles at the first call."""
-    if not compile_update:
-        return functools.partial(eager_gradients, model, model.loss)
+    stay eager: a handful of multi-tensor kernels. A CPU has no graphs: `--capture-update` is
+    eager there."""
     cuda = torch.device(device).type == "cuda"
-    options = {"fallback_random": True, **({"layout_optimization": False} if cuda else {})}
-    compiled = torch.compile(model.loss, dynamic=False, options=options)
-    if cuda:
-        return CapturedGradients(compiled, model.parameters())
-    return functools.partial(eager_gradients, model, compiled)
+    loss_fn = model.loss
+    if compile_update:
+        options = {"fallback_random": True, **({"layout_optimization": False} if cuda else {})}
+        loss_fn = torch.compile(model.loss, dynamic=False, options=options)
+    if cuda and (compile_update or capture_update):
+        return CapturedGradients(loss_fn, model.parameters())
+    return functools.partial(eager_gradients, model, loss_fn)
 
 
 def eager_gradients(model, loss_fn, *args):
@@ -167,8 +169,11 @@ class Workspace:
     """
 
     def __init__(self, config, run_dir, resume=False):
-        self.config, self.run_dir = config, Path(run_dir)
         self.device = resolve_device(config.device)
+        # The run's config keeps unset speed paths unset (its config.json), to take the defaults
+        # of whichever device resumes it; this process runs with this device's.
+        self.saved_config, self.run_dir = config, Path(run_dir)
+        self.config = config = config.for_device(self.device)
         set_matmul_precision(self.device, config.tf32)
         set_seed_everywhere(config.seed)
         self.rng = np.random.default_rng(config.seed)  # Seed episodes' random actions.
@@ -177,7 +182,8 @@ class Workspace:
         self.model = build_model(config, self.envs[0]).to(self.device).eval()
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.learning_rate,
                                           eps=config.adam_epsilon)
-        self.gradients = gradient_function(self.model, self.device, config.compile_update)
+        self.gradients = gradient_function(self.model, self.device, config.compile_update,
+                                           config.capture_update)
         self.buffer = build_replay(config, self.device, self.envs[0].state_sizes)
         # The batches' dequantisation noise: a stream of its own, apart from torch's global one.
         self.batch_noise = torch.Generator(self.device).manual_seed(derive_seed(config.seed, BATCH_NOISE_TAG))
@@ -188,7 +194,7 @@ class Workspace:
             self.counters.update({f"env_steps/{task}": 0 for task in config.tasks})
         if resume:
             self.restore()
-        write_json(self.run_dir / "config.json", dataclasses.asdict(config))  # --episodes may be new.
+        write_json(self.run_dir / "config.json", dataclasses.asdict(self.saved_config))  # --episodes may be new.
         self.wandb = start_wandb(config, self.run_dir) if config.wandb else None  # Before the writer.
         # purge_step hides the TensorBoard points that a killed process logged after the checkpoint.
         self.writer = SummaryWriter(str(self.run_dir),
@@ -200,7 +206,7 @@ class Workspace:
 
     def save(self):
         state = {
-            "config": dataclasses.asdict(self.config), "counters": dict(self.counters),
+            "config": dataclasses.asdict(self.saved_config), "counters": dict(self.counters),
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "rng": {**global_rng_state(), "actions": self.rng.bit_generator.state,
                     "replay": self.buffer.rng.bit_generator.state,
@@ -399,7 +405,8 @@ def main(argv=None):
                      run_dir, workspace.counters["episodes"])
         workspace.close()
         return
-    logging.info("run directory: %s (device %s)", run_dir, workspace.device)
+    logging.info("run directory: %s (device %s; speed paths: %s)", run_dir, workspace.device,
+                 ", ".join(workspace.config.speed_paths()) or "none")
     if workspace.device.type == "cpu":
         warn_if_days(workspace)
     try:

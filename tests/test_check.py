@@ -112,14 +112,47 @@ def test_a_path_is_used_only_if_all_its_tests_passed_and_it_is_not_slower():
     assert check.path_status({"a": "passed", "b": "skipped"}, tests) == "untested"
     ours = check.Check.__new__(check.Check)
     ours.quick = False
+    eager_spread = {"update": {"median": 10.0, "max": 11.0}, "plan": {"median": 5.0, "max": 5.5}}
     ours.summary = {"correctness": {"paths": {"tf32": "passed", "bf16": "passed", "compile_update": "failed",
-                                              "capture_planner": "passed"}},
-                    "figures": {"eager": {"update_ms": 10.0, "plan_ms": 5.0},
-                                "tf32": {"update_ms": 8.0, "plan_ms": 5.2}, "bf16": {"update_ms": 30.0}},
+                                              "capture_planner": "passed", "capture_update": "passed"}},
+                    "figures": {"eager": {"update_ms": 10.0, "plan_ms": 5.0, "spread": eager_spread},
+                                # Slower than eager's median, inside its spread: not slower.
+                                "tf32": {"update_ms": 8.0, "plan_ms": 5.2}, "bf16": {"update_ms": 30.0},
+                                "capture_update": {"update_ms": 11.5}},
                     "figures_status": {"capture_planner": "timed out after 20 s"}}
     paths, left_out = ours.training_paths()
-    assert paths == ["tf32"] and sorted(left_out) == ["bf16", "capture_planner"]
-    assert "update_ms 30 > 10" in left_out["bf16"] and "timed out" in left_out["capture_planner"]
+    assert paths == ["tf32"] and sorted(left_out) == ["bf16", "capture_planner", "capture_update"]
+    assert "update_ms 30 > eager's slowest 11" in left_out["bf16"] and "timed out" in left_out["capture_planner"]
+    del ours.summary["correctness"]  # No device tests in this check: training takes the defaults.
+    assert ours.training_paths() == (None, {})
+
+
+def fake_bench(commands, slow=()):
+    """A `Check.run` that plays bench.py --variants: it records the command and writes each
+    variant's figures, the paths in `slow` making the update step three times slower."""
+    def run(name, command, seconds):
+        commands.append([str(c) for c in command])
+        variants = command[command.index("--variants") + 1:]
+        figures = {}
+        for variant in variants:
+            paths = [] if variant == "eager" else variant.split(",")
+            update = 30.0 if set(paths) & set(slow) else 10.0
+            figures[variant] = {"speed_paths": paths, "update_ms": update, "plan_ms": 5.0,
+                                "spread": {"update": {"median": update, "max": update * 1.05},
+                                           "plan": {"median": 5.0, "max": 5.2}},
+                                "iteration_s": 3.6, "iteration": {"episode_steps": 250},
+                                "test_steps_per_s": {"parallel": 500.0}, "peak_rss_mb": 1.0}
+        command[command.index("--json") + 1].write_text(json.dumps(figures))
+        return "ok", 1.0, ""
+    return run
+
+
+def figures_of(command):
+    return command[command.index("--figures") + 1:command.index("--variants")]
+
+
+def variants_of(command):
+    return command[command.index("--variants") + 1:]
 
 
 def test_projection_of_a_paper_run():
@@ -132,53 +165,55 @@ def test_projection_of_a_paper_run():
 
 
 def test_full_figures_measure_eager_each_path_then_the_chosen_ones(tmp_path, monkeypatch):
-    """Without --quick: eager's update, plan and env, each path alone with its figures, then the
-    paths that passed and were not slower, with the iteration and test figures for the projection."""
+    """Without --quick, two bench processes: eager (launches, update, plan and env) and each path
+    alone, then the paths that passed and were not slower, with the iteration and test figures
+    for the projection."""
     ours = check.Check(tmp_path / "out", deadline=60, device="cuda", quick=False, work_dir=tmp_path / "work")
     ours.summary["correctness"] = {"paths": {path: "passed" for path in check.SPEED_PATHS}}
     commands = []
-
-    def fake_run(name, command, seconds):  # bench.py writes its JSON; bf16 is slow here.
-        commands.append(command)
-        flags = [c for c in map(str, command) if c.startswith("--") and c.replace("-", "_")[2:] in check.SPEED_PATHS]
-        figures = {"speed_paths": [f[2:].replace("-", "_") for f in flags], "update_ms": 30.0 if "--bf16" in flags
-                   else 10.0, "plan_ms": 5.0, "iteration_s": 3.6, "iteration": {"episode_steps": 250},
-                   "test_steps_per_s": {"parallel": 500.0}}
-        command[command.index("--json") + 1].write_text(json.dumps(figures))
-        return "ok", 1.0, ""
-
-    monkeypatch.setattr(ours, "run", fake_run)
+    monkeypatch.setattr(ours, "run", fake_bench(commands, slow=["bf16"]))
     assert ours.figures(time.monotonic() + 30) == ("ok", None)
-    assert commands[0][commands[0].index("--figures") + 1:] == ["update", "plan", "env"]
-    assert commands[-1][commands[-1].index("--figures") + 1:commands[-1].index("--figures") + 5] == [
-        "update", "plan", "iteration", "test"]
-    assert [c[-1] for c in commands[1:-1]] == [check.flag(path) for path in check.SPEED_PATHS]
+    assert len(commands) == 2
+    assert figures_of(commands[0]) == ["launches", "update", "plan", "env"]
+    assert variants_of(commands[0]) == ["eager", *check.SPEED_PATHS]
+    assert figures_of(commands[1]) == ["update", "plan", "iteration", "test"]
     chosen = [path for path in check.SPEED_PATHS if path != "bf16"]
-    assert commands[-1][-len(chosen):] == [check.flag(path) for path in chosen]
+    assert variants_of(commands[1]) == [",".join(chosen)]
     assert ours.summary["figures"]["chosen"]["speed_paths"] == chosen
     assert ours.summary["projection"]["from"] == chosen
     assert ours.summary["projection"]["cheetah_run_1000_episodes_hours"] == pytest.approx(1.13, abs=0.01)
 
 
 def test_without_a_passed_path_the_projection_comes_from_eager(tmp_path, monkeypatch):
-    """No path passed its tests (as on the H200 on 2026-11-30): eager's update, plan and env,
-    then eager again with the iteration and the test, which the projection uses."""
+    """No path passed its tests (as on the H200 on 2026-11-30): eager's launches, update, plan
+    and env, then eager again with the iteration and the test, which the projection uses."""
     ours = check.Check(tmp_path / "out", deadline=60, device="cuda", quick=False, work_dir=tmp_path / "work")
     ours.summary["correctness"] = {"paths": {path: "failed" for path in check.SPEED_PATHS}}
     commands = []
-
-    def fake_run(name, command, seconds):
-        commands.append(command)
-        figures = ["update", "plan", "env"] if name == "bench-eager" else ["update", "plan", "iteration", "test"]
-        assert command[command.index("--figures") + 1:] == figures
-        command[command.index("--json") + 1].write_text(json.dumps(
-            {"speed_paths": [], "update_ms": 132.0, "plan_ms": 69.0, "iteration_s": 27.9,
-             "iteration": {"episode_steps": 250}, "test_steps_per_s": {"parallel": 129.8}}))
-        return "ok", 1.0, ""
-
-    monkeypatch.setattr(ours, "run", fake_run)
+    monkeypatch.setattr(ours, "run", fake_bench(commands))
     assert ours.figures(time.monotonic() + 30) == ("ok", None)
-    assert len(commands) == 2
+    assert [variants_of(c) for c in commands] == [["eager"], ["eager"]]
     assert ours.summary["projection"]["from"] == "eager"
     assert ours.summary["projection"]["cheetah_run_1000_episodes_hours"] == pytest.approx(
-        (995 * 27.9 + 100 * 2500 / 129.8) / 3600, abs=0.01)
+        (995 * 3.6 + 100 * 2500 / 500) / 3600, abs=0.01)
+
+
+def test_a_timed_out_bench_keeps_the_figures_it_wrote(tmp_path, monkeypatch):
+    """bench.py writes its JSON after every figure: a variant measured before the timeout stands,
+    the one cut short is recorded as such and left out of training."""
+    ours = check.Check(tmp_path / "out", deadline=60, device="cuda", quick=False, work_dir=tmp_path / "work")
+    ours.summary["correctness"] = {"paths": {"capture_planner": "passed", "tf32": "passed"}}
+
+    def run(name, command, seconds):
+        partial = {"eager": {"update_ms": 10.0, "plan_ms": 5.0, "peak_rss_mb": 1.0},
+                   "capture_planner": {"update_ms": 10.0, "plan_ms": 1.0, "peak_rss_mb": 1.0},
+                   "tf32": {"update_ms": 9.0}}  # Cut short before its CEM call.
+        command[command.index("--json") + 1].write_text(json.dumps(partial))
+        return "timeout", seconds, "tf32 ..."
+
+    monkeypatch.setattr(ours, "run", run)
+    ours.figures(time.monotonic() + 30)
+    assert ours.summary["figures"]["capture_planner"]["plan_ms"] == 1.0
+    assert ours.summary["figures_status"]["capture_planner"] == "ok"
+    assert "timed out" in ours.summary["figures_status"]["tf32"]
+    assert ours.training_paths() == (["capture_planner"], {"tf32": ours.training_paths()[1]["tf32"]})

@@ -14,6 +14,8 @@ within cosine 1 - tolerance / 10.
 import numpy as np
 import pytest
 import torch
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from agent import cem_plan, rollout_returns
 from conftest import TINY_FLAGS, TINY_MODEL, make_episode
@@ -25,13 +27,16 @@ from utils import DeviceReplayBuffer, ReplayBuffer, preprocess_observation, set_
 
 pytestmark = pytest.mark.device
 
-SPEED_PATHS = {  # Path name -> its Config settings; `all` is all at once. Those that compile last.
+SPEED_PATHS = {  # Path name -> its Config settings. Those that compile last.
     "tf32": {"tf32": True},
     "bf16": {"bf16": True},
+    "capture_update": {"capture_update": True},
+    # What training may combine, all at once (the compiled update is the captured one's alternative).
+    "all": {"capture_update": True, "tf32": True, "bf16": True},
     "compile_update": {"compile_update": True},
-    "all": {"compile_update": True, "tf32": True, "bf16": True},
 }
-TOLERANCE = {"eager": 1e-4, "compile_update": 1e-4, "tf32": 1e-2, "bf16": 5e-2, "all": 5e-2}
+TOLERANCE = {"eager": 1e-4, "capture_update": 1e-4, "compile_update": 1e-4, "tf32": 1e-2, "bf16": 5e-2,
+             "all": 5e-2}
 
 
 @pytest.fixture(autouse=True)
@@ -42,6 +47,11 @@ def restore_backend_flags():
     yield
     torch.set_float32_matmul_precision(saved[0])
     cudnn.allow_tf32, cudnn.deterministic, cudnn.benchmark = saved[1:]
+
+
+def only(paths, **settings):
+    """A Config with exactly the speed paths `paths` on, whatever the device's defaults."""
+    return Config(**settings, **paths).for_device("cpu")
 
 
 def fixed_batch(action_size=2, steps=3, batch=4, seed=0):
@@ -62,11 +72,12 @@ CALLS = 3
 def update_steps(config, device, weights, seed=0):
     """CALLS `train.update`s, each on another fixed batch, of a copy of `weights` on `device` with
     `config`'s speed paths. -> the last step's loss terms and flat gradient, on the CPU."""
+    config = config.for_device(device)
     set_matmul_precision(device, config.tf32)
     model = WorldModel(2, **TINY_MODEL, model=config.model, bf16=config.bf16).to(device)
     model.load_state_dict(weights)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, eps=config.adam_epsilon)
-    gradients = gradient_function(model, device, config.compile_update)
+    gradients = gradient_function(model, device, config.compile_update, config.capture_update)
     torch.manual_seed(seed)  # The posterior samples' noise (the CUDA generator too).
     for i in range(CALLS):
         batch = [x.to(device) for x in fixed_batch(seed=i)]
@@ -90,31 +101,74 @@ def test_update_step_matches_the_cpu(path, device):
     the same steps on the device, with the path, as eager on the CPU."""
     if path == "eager" and device.type == "cpu":
         pytest.skip("the CPU against itself")
-    config = Config(model="gru", batch_size=4, chunk_length=3, **SPEED_PATHS.get(path, {}))
+    config = only(SPEED_PATHS.get(path, {}), model="gru", batch_size=4, chunk_length=3)
     weights = WorldModel(2, **TINY_MODEL, model="gru").state_dict()
-    reference = update_steps(Config(model="gru"), torch.device("cpu"), weights)
+    reference = update_steps(only({}, model="gru"), torch.device("cpu"), weights)
     step = update_steps(config, device, weights)
     assert_same_step(step, reference, TOLERANCE[path])
     if config.bf16 or (config.tf32 and device.type == "cuda"):  # Lower precision is really on.
         assert not torch.equal(step[1], reference[1])
 
 
-@pytest.mark.parametrize("path", ["compile_update"])
+@pytest.mark.parametrize("path", ["capture_update", "compile_update"])
 def test_update_step_with_samples_matches_eager_on_the_device(path, device):
-    """The RSSM with its posterior samples: the compiled loss draws the eager noise
-    (`fallback_random`), so a seed gives the eager steps on the same device."""
-    config = Config(batch_size=4, chunk_length=3, **SPEED_PATHS[path])
+    """The RSSM with its posterior samples: the captured loss replays eager's kernels and draws,
+    and the compiled one draws the eager noise (`fallback_random`), so a seed gives the eager
+    steps on the same device."""
+    config = only(SPEED_PATHS[path], batch_size=4, chunk_length=3)
     weights = WorldModel(2, **TINY_MODEL).state_dict()
-    reference = update_steps(Config(), device, weights, seed=3)
+    reference = update_steps(only({}), device, weights, seed=3)
     assert_same_step(update_steps(config, device, weights, seed=3), reference, TOLERANCE[path])
+
+
+# Ops that wait for the device (a Python number or bool out of a tensor) or whose output's shape
+# depends on the data: CUDA graph capture refuses both.
+HOST_SYNCS = {"_local_scalar_dense", "equal", "nonzero", "masked_select", "repeat_interleave", "_unique",
+              "_unique2", "unique_dim", "unique_consecutive"}
+
+
+class RefuseHostSyncs(TorchDispatchMode):
+    """Fails on any op of `HOST_SYNCS`, and on a copy from a device to the host."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name.split("::")[-1]
+        assert name not in HOST_SYNCS, f"{func} syncs with the host: a CUDA graph cannot capture it"
+        out = func(*args, **(kwargs or {}))
+        devices = {x.device.type for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)}
+        if isinstance(out, torch.Tensor) and out.device.type == "cpu" and devices - {"cpu", "meta"}:
+            raise AssertionError(f"{func} copies from {devices} to the host")
+        return out
+
+
+@pytest.mark.parametrize("model_name", ["rssm", "ssm", "gru"])
+def test_captured_functions_never_sync_with_the_host(model_name, device):
+    """What --capture-update and --capture-planner capture, the loss with every term and its
+    backward, and the CEM call, runs without one op that a CUDA graph cannot capture. On a CPU,
+    where backward runs in this thread, the check sees the backward's ops too."""
+    states = {"position": torch.randn(3, 4, 2).to(device)}
+    model = WorldModel(2, **TINY_MODEL, model=model_name, state_heads="loss", state_sizes={"position": 2}).to(device)
+    batch = [x.to(device) for x in fixed_batch()]
+    with RefuseHostSyncs():
+        loss, _ = model.loss(*batch, overshooting_distance=3, overshooting_reward_scale=1.0, global_kl_beta=0.1,
+                             states=states)
+        loss.backward()
+        belief, state = model.rssm.initial(2, device)
+        cem_plan(model.rssm, model.reward_model, belief, state, horizon=3, iterations=2, candidates=16,
+                 top_candidates=4, discount=0.99)
+
+
+def test_host_sync_refusal_bites(device):
+    """The check above fails on an op that syncs."""
+    with pytest.raises(AssertionError, match="syncs with the host"), RefuseHostSyncs():
+        float(torch.ones(2, device=device).sum())
 
 
 @pytest.mark.parametrize("path", ["capture_planner", "all"])
 def test_cem_plan_matches_eager(path, device):
     """--capture-planner: seed for seed, the eager plan, for three calls in a row on different
     beliefs (a replayed CUDA graph must read its new inputs). `all` adds TF32 to both."""
-    config = Config(horizon=3, iterations=2, candidates=64, top_candidates=8, capture_planner=True,
-                    tf32=path == "all")
+    config = only({"capture_planner": True, "tf32": path == "all"}, horizon=3, iterations=2, candidates=64,
+                  top_candidates=8)
     set_matmul_precision(device, config.tf32)
     model = WorldModel(2, **TINY_MODEL).to(device).eval()
     generator = torch.Generator().manual_seed(0)

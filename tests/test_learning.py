@@ -29,7 +29,7 @@ TASK = "cartpole-balance"
 # direction of the KL nor the open-loop predictions can be checked.
 CONFIG = Config(task=TASK, action_repeat=8, max_episode_length=400,  # 50 decisions per episode.
                 batch_size=16, chunk_length=25, collect_interval=1000, free_nats=0.0,
-                belief_size=64, state_size=16, hidden_size=64, reward_hidden_size=64, cnn_depth=8)
+                belief_size=64, state_size=16, hidden_size=64, reward_hidden_size=64, cnn_depth=8).for_device("cpu")
 TRAIN_EPISODES, HELD_OUT_EPISODES = 16, 4
 PLANNER = {"horizon": 12, "iterations": 10, "candidates": 1000, "top_candidates": 100}  # The paper's.
 PLANNED_EPISODES = 4
