@@ -61,10 +61,12 @@ def test_cem_with_one_iteration_is_only_the_mean_of_the_best(top_candidates):
         assert np.isin(plan.numpy(), sequences[0]).all(), "random shooting returns a candidate's action"
 
 
+@pytest.mark.parametrize("stacked", [False, True])
 @pytest.mark.parametrize("discount", [1.0, 0.99, 0.5])
-def test_rollout_returns_equal_the_summed_rewards_of_an_imagined_rollout(tiny_model, discount):
-    """The planner's step-by-step sum is the reward model on `imagine`'s stacked rollout, the k-th
-    step (from 0) weighted by discount^k (camera-ready's 0.99; 1 at HEAD)."""
+def test_rollout_returns_equal_the_summed_rewards_of_an_imagined_rollout(tiny_model, discount, stacked):
+    """The planner's sum, step by step (a CPU's) or on the stacked features (a GPU's), is the
+    reward model on `imagine`'s stacked rollout, the k-th step (from 0) weighted by discount^k
+    (camera-ready's 0.99; 1 at HEAD)."""
     belief, state = torch.randn(7, 16), torch.randn(7, 4)
     actions = torch.rand(5, 7, 2) * 2 - 1
     with torch.no_grad():
@@ -73,7 +75,8 @@ def test_rollout_returns_equal_the_summed_rewards_of_an_imagined_rollout(tiny_mo
         weights = torch.tensor([discount ** k for k in range(5)])[:, None]
         expected = (weights * tiny_model.reward_model(features(beliefs, states))).sum(0)
         torch.manual_seed(3)
-        returns = rollout_returns(tiny_model.rssm, tiny_model.reward_model, actions, belief, state, discount)
+        returns = rollout_returns(tiny_model.rssm, tiny_model.reward_model, actions, belief, state, discount,
+                                  stacked)
     torch.testing.assert_close(returns, expected)
 
 
