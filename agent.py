@@ -10,7 +10,7 @@ from model import features
 from utils import preprocess_observation
 
 
-def rollout_returns(rssm, reward_model, actions, belief, state, discount=1.0, stacked=None):
+def rollout_returns(rssm, reward_model, actions, belief, state, discount=1.0, stacked=None, continue_model=None):
     """Predicted return of open-loop rollouts with prior samples: actions `(T, N, A)` from beliefs
     `(N, H)` and states `(N, S)` -> the sum of the reward model's means over the T steps, `(N,)`,
     the step k (from 0) weighted by `discount ** k`: 1 (HEAD, undiscounted) or 0.99 (camera-ready
@@ -20,24 +20,40 @@ def rollout_returns(rssm, reward_model, actions, belief, state, discount=1.0, st
     step by step: `(N, 300)` activations stay in cache, and its matmuls run twice as fast as on
     the `(T * N, 300)` stack. On a GPU every op is a kernel launch, and the launches are the cost:
     there the reward model runs once on the T steps' stacked features, 7 launches instead of 7 T.
+
+    With a `continue_model` (`--termination-head`, for envs that end early) the reward of step k
+    is also weighted by the predicted probability that the episode still ran before it, the
+    product of the continue probabilities of steps 0..k-1, as Dreamer weighs imagined rewards
+    (danijar/dreamer 399cad5, `dreamer.py` `_train`): a plan that falls gains nothing after.
     """
     if stacked is None:
         stacked = actions.device.type != "cpu"
     if not stacked:
         returns = torch.zeros(actions.shape[1], device=actions.device)
+        running = torch.ones_like(returns) if continue_model is not None else None
         for step, action in enumerate(actions):
             belief, prior = rssm.img_step(state, action, belief)
             state = prior.sample
-            returns += discount ** step * reward_model(features(belief, state))
+            feature = features(belief, state)
+            reward = discount ** step * reward_model(feature)
+            if running is None:
+                returns += reward
+            else:
+                returns += running * reward
+                running = running * torch.sigmoid(continue_model(feature))
         return returns
     feature = []
     for action in actions:
         belief, prior = rssm.img_step(state, action, belief)
         state = prior.sample
         feature.append(features(belief, state))
-    rewards = reward_model(torch.stack(feature))  # (T, N)
+    feature = torch.stack(feature)
+    rewards = reward_model(feature)  # (T, N)
     if discount != 1:
         rewards = rewards * discount ** torch.arange(len(actions), device=actions.device)[:, None]
+    if continue_model is not None:
+        still = torch.sigmoid(continue_model(feature[:-1])).cumprod(0)  # Step k's: running before k + 1.
+        rewards = torch.cat([rewards[:1], rewards[1:] * still])
     return rewards.sum(0)
 
 
@@ -53,7 +69,7 @@ def compiled_rollout_returns():
 
 @torch.no_grad()
 def cem_plan(rssm, reward_model, belief, state, horizon=12, iterations=10, candidates=1000,
-             top_candidates=100, discount=1.0, rollout=rollout_returns):
+             top_candidates=100, discount=1.0, rollout=rollout_returns, continue_model=None):
     """Plan from the beliefs `(B, H)` and state samples `(B, S)` of B independent agents.
 
     Every candidate of an agent starts from that agent's one state sample. The belief over action
@@ -61,10 +77,12 @@ def cem_plan(rssm, reward_model, belief, state, horizon=12, iterations=10, candi
     clips them to [-1, 1], rolls them out with the prior (sampled states), scores each by the sum
     of predicted rewards over the horizon (discounted by `discount`), and refits mean and
     population std to the best `top_candidates`. All candidates of all agents are one batch: no
-    Python loop over candidates and no host sync. `rollout` may be a compiled `rollout_returns`.
+    Python loop over candidates and no host sync. `rollout` may be a compiled `rollout_returns`;
+    a `continue_model` weighs its rewards by the predicted chance that the episode still runs.
     Returns the first action of the final mean, `(B, A)`.
     """
     batch, action_size = belief.shape[0], rssm.action_size
+    heads = {} if continue_model is None else {"continue_model": continue_model}
     belief = belief.repeat_interleave(candidates, dim=0)  # (B * J, H), agent-major.
     state = state.repeat_interleave(candidates, dim=0)
     mean = torch.zeros(horizon, batch, 1, action_size, device=belief.device)
@@ -73,7 +91,7 @@ def cem_plan(rssm, reward_model, belief, state, horizon=12, iterations=10, candi
         noise = torch.randn(horizon, batch, candidates, action_size, device=belief.device)
         actions = (mean + std * noise).clamp(-1, 1)
         returns = rollout(rssm, reward_model, actions.reshape(horizon, batch * candidates, action_size),
-                          belief, state, discount).reshape(batch, candidates)
+                          belief, state, discount, **heads).reshape(batch, candidates)
         top = returns.topk(top_candidates, dim=1).indices  # (B, K)
         best = actions.gather(2, top[None, :, :, None].expand(horizon, -1, -1, action_size))
         mean = best.mean(2, keepdim=True)
@@ -133,7 +151,7 @@ class Agent:
     def act(self, action_noise=0.0):
         """Plan `(B, A)` actions, add N(0, action_noise^2) exploration noise, clip to [-1, 1]."""
         action = self.plan(self.model.rssm, self.model.reward_model, self.belief, self.state,
-                           **self.config)
+                           **self.config, continue_model=self.model.continue_model)
         if action_noise > 0:
             action = action + action_noise * torch.randn_like(action)
         return action.clamp(-1, 1).cpu().numpy()
@@ -142,11 +160,12 @@ class Agent:
 STATE_PREFIX = "state_"  # Episode keys of the proprioceptive observation, e.g. `state_position`.
 
 
-def _record(episode, obs, action, reward, info):
+def _record(episode, obs, action, reward, info, terminal=False):
     """Append one step to `episode` (lists by key): the observation, the action that led to it, its
-    reward, the env's proprioceptive state (`info["state"]`, `{}` when the env has none) and, from
+    reward, whether the env terminated there (a time limit's truncation is not a termination),
+    the env's proprioceptive state (`info["state"]`, `{}` when the env has none) and, from
     states with frames, the frame rendered beside it (`info["frame"]`)."""
-    steps = {"obs": obs, "action": action, "reward": reward,
+    steps = {"obs": obs, "action": action, "reward": reward, "terminal": float(terminal),
              **{STATE_PREFIX + key: value for key, value in info.get("state", {}).items()},
              **({"frame": info["frame"]} if "frame" in info else {})}
     for key, value in steps.items():
@@ -154,7 +173,7 @@ def _record(episode, obs, action, reward, info):
 
 
 def _as_arrays(episode):
-    return {key: np.array(value, np.float32) if key == "reward" else np.stack(value)
+    return {key: np.array(value, np.float32) if key in ("reward", "terminal") else np.stack(value)
             for key, value in episode.items()}
 
 
@@ -169,8 +188,9 @@ def episode_frames(episode):
 def play_episode(env, policy, on_frame=None):
     """Run one episode. `policy(obs, previous_action) -> action` sees the newest observation and the
     executed action that led to it. Returns the episode as arrays of length T + 1 with
-    `action[t]` the action that led to `obs[t]` and `reward[t]` its reward (zeros at reset), and
-    the proprioceptive state of each step as `state_<key>` (which the policy does not see), and
+    `action[t]` the action that led to `obs[t]`, `reward[t]` its reward (zeros at reset),
+    `terminal[t]` 1 where the env terminated (never where a time limit ended it), the
+    proprioceptive state of each step as `state_<key>` (which the policy does not see), and
     from states with frames, the frames as `frame`. `on_frame` sees each observation, or the frame
     beside it."""
     obs, info = env.reset()
@@ -184,7 +204,7 @@ def play_episode(env, policy, on_frame=None):
         action = np.clip(policy(obs, action), -1, 1).astype(np.float32)
         obs, reward, terminated, truncated, info = env.step(action)
         done = terminated or truncated
-        _record(episode, obs, action, reward, info)
+        _record(episode, obs, action, reward, info, terminated)
     if on_frame is not None:
         on_frame(info.get("frame", obs))
     return _as_arrays(episode)
@@ -211,11 +231,11 @@ def play_episodes(envs, agent, seeds, on_frames=None):
     reward = np.zeros(len(obs), dtype=np.float32)
     episodes = [{} for _ in obs]
 
-    def record(i):
+    def record(i, terminal=False):
         # A vector env's info holds each key for all envs, and a mask `_key` of those that set it.
         state = {key: value[i] for key, value in info.get("state", {}).items() if not key.startswith("_")}
         _record(episodes[i], obs[i], action[i], reward[i],
-                {"state": state, **({"frame": info["frame"][i]} if "frame" in info else {})})
+                {"state": state, **({"frame": info["frame"][i]} if "frame" in info else {})}, terminal)
 
     def frames():
         return np.stack(info["frame"]) if "frame" in info else obs
@@ -231,7 +251,7 @@ def play_episodes(envs, agent, seeds, on_frames=None):
         action = agent.act()
         obs, reward, terminated, truncated, info = envs.step(action)
         for i in np.flatnonzero(running):
-            record(i)
+            record(i, terminated[i])
         running &= ~(terminated | truncated)
     if on_frames is not None:
         on_frames(frames())

@@ -30,7 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from agent import Agent, cem_plan, planner_policy, play_episode, play_episodes
 from config import SPEED_PATHS, Config, apply_preset
 from runs import build_env, build_model, build_replay, test_seeds
-from train import gradient_function, train_model, update
+from train import gradient_function, loss_arguments, train_model, update
 from utils import BatchPrefetcher, keep_freed_memory, resolve_device, set_matmul_precision, write_json
 from wrappers import OBSERVATIONS, check_task, default_action_repeat, make_env, make_parallel_envs
 
@@ -118,8 +118,7 @@ def bench_update(config, model, optimizer, buffer, device, repeats, warmup):
         with stopwatch(parts, "sample", device):
             data = next(batches)
         with stopwatch(parts, "gradients", device):
-            gradients(*data, config.free_nats, config.reward_scale, config.overshooting_distance,
-                      config.overshooting_kl_beta, config.overshooting_reward_scale, config.global_kl_beta, {})
+            gradients(*loss_arguments(model, data, config))
         with stopwatch(parts, "step", device):
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip_norm)
             optimizer.step()
@@ -134,7 +133,8 @@ def bench_plan(config, model, device, repeats, warmup):
     belief, state = model.rssm.initial(1, device)
     plan = config.plan(device)
     first = []
-    times = timed(lambda: plan(model.rssm, model.reward_model, belief, state, **config.planner),
+    times = timed(lambda: plan(model.rssm, model.reward_model, belief, state, **config.planner,
+                               continue_model=model.continue_model),
                   device, repeats, warmup, first)
     return summary(times), first[0]
 
@@ -262,7 +262,8 @@ def bench_launches(config, model, optimizer, buffer, device):
     step = lambda: update(model, optimizer, batch, config, 10_000, gradients)
     belief, state = model.rssm.initial(1, device)
     plan = config.plan(device)
-    call = lambda: plan(model.rssm, model.reward_model, belief, state, **config.planner)
+    call = lambda: plan(model.rssm, model.reward_model, belief, state, **config.planner,
+                        continue_model=model.continue_model)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         model.train()
         for _ in range(2):  # A captured path captures here.

@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent
 # a paper-settings run is the one result that needs the GPU's minutes. On the H200 (2026-11-30)
 # a process start took about 10 s and eager bench.py over a minute, so the figures run in two
 # bench processes only (every variant in one, `bench.py --variants`).
-SHARES = {"setup": 0.03, "correctness": 0.12, "figures": 0.2, "training": 0.55, "evaluation": 0.1}
+SHARES = {"setup": 0.03, "correctness": 0.1, "figures": 0.17, "training": 0.6, "evaluation": 0.1}
 MIN_SECONDS = {"setup": 15, "correctness": 20, "figures": 20, "training": 30, "evaluation": 30}
 # The tests of tests/test_device.py that a speed path must pass before the training run uses it.
 # `[all]` is every path that training may combine, at once.

@@ -13,7 +13,7 @@ import torch
 from agent import captured_cem_plan, cem_plan, compiled_rollout_returns, rollout_returns
 from model import GRU_CELLS, INITS, MODELS, STATE_HEADS
 from utils import resolve_device
-from wrappers import check_task, default_action_repeat, parse_task, task_list
+from wrappers import GYM_PREFIX, check_task, default_action_repeat, parse_task, task_list
 
 POSITIVE = ("episodes", "seed_episodes", "collect_interval", "batch_size", "chunk_length",
             "max_episode_length", "buffer_capacity", "horizon", "iterations", "candidates",
@@ -105,6 +105,13 @@ class Config:
                               "velocity, ...) from the features: none; diagnostic (HEAD's "
                               "state_diagnostics: gradient stopped at the features, errors logged "
                               "at each test); or loss (camera-ready 0c6f7d3: trained into the model)")
+    termination_head: bool = option(None, "a head that predicts whether the episode is still running, "
+                                    "trained on the env's terminations, by which the planner weighs "
+                                    "each predicted reward (Dreamer's discount predictor; beyond the "
+                                    "paper); default on for Gymnasium envs, off for the Control Suite, "
+                                    "which never terminates")
+    continue_scale: float = option(10.0, "weight of the termination head's log-likelihood "
+                                   "(Dreamer's pcont_scale)")
     cnn_depth: int = option(32, "channels of the first conv layer of encoder and decoder")
     embed_size: int = option(1024, "from states (--obs state): the embed size and the width of the "
                              "MLP encoder and decoder, two hidden layers each (Kaixhin/PlaNet's)")
@@ -137,6 +144,18 @@ class Config:
     wandb: bool = option(False, "also log to Weights & Biases what TensorBoard gets, and the config "
                          "(project planet-torch or $WANDB_PROJECT; WANDB_MODE=offline writes it to "
                          "RUN_DIR/wandb)")
+
+    @property
+    def ends_early(self):
+        """Whether an episode may end before its time limit: a Gymnasium env can terminate (a
+        robot falls), a Control Suite task never does. Its chunks are then padded (`ReplayBuffer`)."""
+        return any(task.startswith(GYM_PREFIX) for task in self.tasks)
+
+    @property
+    def uses_termination_head(self):
+        """`termination_head`, or when unset (a Config made in code), its default: on where
+        episodes may end early."""
+        return self.ends_early if self.termination_head is None else self.termination_head
 
     @property
     def tasks(self):
@@ -327,6 +346,9 @@ def parse_args(argv=None):
                      "keeps only the image and the reward, 0c6f7d3 scripts/configs.py:103-113)")
     if len(config.tasks) == 1:  # A multi-task run keeps 0: each task its own.
         config.action_repeat = config.repeat_of(config.task)
+    config.termination_head = config.uses_termination_head
+    if config.continue_scale < 0:
+        parser.error("--continue-scale must be at least 0")
     # Outgoing rewards make each chunk from one more stored step (`build_replay`).
     stored = config.chunk_length + (config.reward_alignment == "outgoing")
     if any(stored > config.max_episode_length // config.repeat_of(task) + 1 for task in config.tasks):
@@ -340,6 +362,7 @@ def read_config(run_dir):
         raise ValueError(f"{run_dir} is not a run directory: it has no config.json")
     try:
         saved = json.loads(path.read_text())
+        saved.setdefault("termination_head", False)  # Runs from before the head existed had none.
         return Config(**{f.name: saved[f.name] for f in dataclasses.fields(Config) if f.name in saved})
     except (ValueError, TypeError) as error:
         raise ValueError(f"{path} is not a valid config: {error}") from None

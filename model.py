@@ -47,8 +47,15 @@ def gaussian_nll(target, mean, dims):
 
 
 def masked_mean(x, valid):
-    """Mean of `x (T, B)` over the rows where `valid (T, 1)` holds."""
-    return (x * valid).sum() / (valid.sum() * x.shape[1])
+    """Mean of `x (T, B)` over the rows where `valid (T, 1)` holds, or the elements where
+    `valid (T, B)` does."""
+    return (x * valid).sum() / (valid.sum() * (x.shape[1] if valid.shape[1] == 1 else 1))
+
+
+def average(x, valid=None):
+    """Mean of `x (T, B)` over every step, or over the valid ones of a padded chunk (`valid`
+    `(T, B)` of 0 and 1). Without padding it is the plain mean, bit for bit."""
+    return x.mean() if valid is None else masked_mean(x, valid)
 
 
 def conv_autocast(device, enabled):
@@ -298,6 +305,20 @@ class VectorObservationModel(nn.Module):
         return self.net(feature)
 
 
+class ContinueModel(nn.Module):
+    """Features `(..., F)` -> the logit of a Bernoulli "the episode is still running" at this
+    step, `(...)`: Dreamer's discount predictor (Hafner et al. 2020; danijar/dreamer `pcont`,
+    `dreamer.py` at 399cad5), an extension beyond PlaNet for envs that terminate. The reward
+    model's shape."""
+
+    def __init__(self, feature_size=230, hidden_size=300, layers=3):
+        super().__init__()
+        self.net = dense_head(feature_size, hidden_size, layers, 1)
+
+    def forward(self, feature):
+        return self.net(feature).squeeze(-1)
+
+
 class RewardModel(nn.Module):
     """Features `(..., F)` -> mean of N(r_t, 1), `(...)`. Three hidden layers of 300 by default
     (HEAD `c04226b`, `scripts/configs.py:110-116`); camera-ready `0c6f7d3` has two of 100
@@ -337,7 +358,7 @@ class WorldModel(nn.Module):
     def __init__(self, action_size, belief_size=200, state_size=30, hidden_size=200,
                  cnn_depth=32, reward_hidden_size=300, model="rssm", bf16=False, gru_cell="torch",
                  init="torch", reward_layers=3, state_heads="none", state_sizes=None, obs_size=None,
-                 embed_size=1024):
+                 embed_size=1024, termination_head=False):
         super().__init__()
         if gru_cell not in GRU_CELLS or init not in INITS or state_heads not in STATE_HEADS:
             raise ValueError(f"gru_cell must be one of {GRU_CELLS}, init one of {INITS} and "
@@ -354,11 +375,14 @@ class WorldModel(nn.Module):
         self.state_models = nn.ModuleDict({
             key: dense_head(self.rssm.feature_size, reward_hidden_size, reward_layers, size)
             for key, size in (state_sizes or {}).items()} if state_heads != "none" else {})
+        self.continue_model = (ContinueModel(self.rssm.feature_size, reward_hidden_size, reward_layers)
+                               if termination_head else None)
         if init == "glorot":
             glorot_init(self)
 
     def loss(self, obs, actions, rewards, free_nats=3.0, reward_scale=10.0, overshooting_distance=0,
-             overshooting_kl_beta=1.0, overshooting_reward_scale=0.0, global_kl_beta=0.0, states=None):
+             overshooting_kl_beta=1.0, overshooting_reward_scale=0.0, global_kl_beta=0.0, states=None,
+             terminal=None, valid=None, continue_scale=10.0):
         """The negative ELBO of Eq. 3, averaged over batch and time, plus the options of the
         official code: latent overshooting (Eq. 7) of the KL up to `overshooting_distance`, weighted
         by `overshooting_kl_beta`, and of the reward, weighted by `overshooting_reward_scale`; and
@@ -368,31 +392,41 @@ class WorldModel(nn.Module):
         led to `obs[t]`, rewards `(T, B)` received on that transition, and with state heads the
         proprioceptive `states` `{key: (T, B, size)}`, each a term `state_<key>` of weight 1
         (official), whose gradient reaches only its head when they are diagnostics.
+
+        Chunks of an env that ends early are padded past its end (`ReplayBuffer`): then `valid`
+        `(T, B)` marks the steps inside the episode, every term averages over those alone, and
+        `terminal` `(T, B)` marks where it terminated, the target of the continue model (a
+        Bernoulli of "still running", weighted by `continue_scale`, Dreamer's 10).
         Returns the total to minimise and a dict of detached terms, each in nats.
         """
         belief, state = self.rssm.initial(obs.shape[1], obs.device)
         beliefs, priors, posteriors = self.rssm.observe(self.encoder(obs), actions, belief, state)
         feature = features(beliefs, posteriors.sample)
-        observation_nll = gaussian_nll(obs, self.observation_model(feature), dims=obs.dim() - 2).mean()
-        reward_nll = gaussian_nll(rewards, self.reward_model(feature), dims=0).mean()
+        observation_nll = average(gaussian_nll(obs, self.observation_model(feature), dims=obs.dim() - 2), valid)
+        reward_nll = average(gaussian_nll(rewards, self.reward_model(feature), dims=0), valid)
         # KL(posterior || prior) with free nats per (t, b) element; gradients reach both sides.
         kl = gaussian_kl(posteriors, priors)
-        kl_loss = (kl - free_nats).clamp(min=0).mean()
+        kl_loss = average((kl - free_nats).clamp(min=0), valid)
         total = observation_nll + reward_scale * reward_nll + kl_loss
-        terms = {self.observation_model.name: observation_nll, "reward": reward_nll, "kl": kl.mean(),
+        terms = {self.observation_model.name: observation_nll, "reward": reward_nll, "kl": average(kl, valid),
                  "kl_free": kl_loss}
         head_inputs = feature if self.state_heads == "loss" else feature.detach()
         for key, head in self.state_models.items():
-            terms[f"state_{key}"] = gaussian_nll(states[key], head(head_inputs), dims=1).mean()
+            terms[f"state_{key}"] = average(gaussian_nll(states[key], head(head_inputs), dims=1), valid)
             total = total + terms[f"state_{key}"]
+        if self.continue_model is not None and terminal is not None:
+            running = 1 - terminal
+            terms["continue"] = average(F.binary_cross_entropy_with_logits(
+                self.continue_model(feature), running, reduction="none"), valid)
+            total = total + continue_scale * terms["continue"]
         if global_kl_beta > 0:  # No free nats (camera-ready `training/utility.py`).
             unit = Gaussian(torch.zeros_like(posteriors.mean), torch.ones_like(posteriors.std), None)
-            terms["global_kl"] = gaussian_kl(posteriors, unit).mean()
+            terms["global_kl"] = average(gaussian_kl(posteriors, unit), valid)
             total = total + global_kl_beta * terms["global_kl"]
         if overshooting_distance >= 2:  # d = 1 is the KL above; overshooting adds d = 2..D.
             overshooting_kl, overshooting_reward = self._overshooting(
                 beliefs, posteriors, actions, rewards, overshooting_distance, free_nats,
-                with_reward=overshooting_reward_scale > 0)
+                with_reward=overshooting_reward_scale > 0, valid=valid)
             total = total + overshooting_kl_beta * overshooting_kl
             terms["overshooting_kl"] = overshooting_kl
             if overshooting_reward is not None:
@@ -401,7 +435,7 @@ class WorldModel(nn.Module):
         terms["total"] = total
         return total, {name: value.detach() for name, value in terms.items()}
 
-    def _overshooting(self, beliefs, posteriors, actions, rewards, distance, free_nats, with_reward):
+    def _overshooting(self, beliefs, posteriors, actions, rewards, distance, free_nats, with_reward, valid=None):
         """Latent overshooting (Sec. 4, Eq. 7) as the official code computes it (`[:, :, 1:-1]` of
         `tools/overshooting.py` in `training/utility.py`): from each start, predict d = 1..D steps
         open loop with the prior and match the prior at each d = 2..D to the posterior there,
@@ -412,8 +446,9 @@ class WorldModel(nn.Module):
         Column c of `(T, B)` starts from the posterior at c - 1, and column 0 from the initial
         zero state, as the filter does; step d of column c takes `actions[c + d - 1]` and its
         target is the posterior (and reward) at c + d - 1. Pairs whose target lies past the chunk
-        are masked. Free nats apply per element of the KL; each term is the mean over the valid
-        pairs of each d, then over d. Every column is rolled out in one batch of `(T * B)`.
+        are masked, and in a padded chunk those whose target is padding (`valid` `(T, B)`). Free
+        nats apply per element of the KL; each term is the mean over the valid pairs of each d,
+        then over d. Every column is rolled out in one batch of `(T * B)`.
         """
         steps, batch = actions.shape[:2]
         belief, state = (torch.cat([start[None], x[:-1]]).reshape(steps * batch, -1) for start, x in
@@ -427,13 +462,15 @@ class WorldModel(nn.Module):
             state = prior.sample
             if d == 1:
                 continue
-            valid = (column + d <= steps).unsqueeze(1)
+            pairs = (column + d <= steps).unsqueeze(1)
+            if valid is not None:
+                pairs = pairs * valid[target]
             posterior = Gaussian(*(x[target].reshape(steps * batch, -1).detach() for x in posteriors))
             kl = gaussian_kl(posterior, prior).reshape(steps, batch)
-            kls.append(masked_mean((kl - free_nats).clamp(min=0), valid))
+            kls.append(masked_mean((kl - free_nats).clamp(min=0), pairs))
             if with_reward:
                 predicted = self.reward_model(features(belief, state)).reshape(steps, batch)
-                reward_nlls.append(masked_mean(gaussian_nll(rewards[target], predicted, dims=0), valid))
+                reward_nlls.append(masked_mean(gaussian_nll(rewards[target], predicted, dims=0), pairs))
         return torch.stack(kls).mean(), torch.stack(reward_nlls).mean() if with_reward else None
 
     @torch.no_grad()

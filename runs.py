@@ -49,21 +49,24 @@ def build_model(config, env):
     return WorldModel(env.action_size, config.belief_size, config.state_size, config.hidden_size,
                       config.cnn_depth, config.reward_hidden_size, config.model, config.bf16,
                       config.gru_cell, config.init, config.reward_layers, config.state_heads,
-                      env.state_sizes, obs_size, config.embed_size)
+                      env.state_sizes, obs_size, config.embed_size, config.uses_termination_head)
 
 
 def build_replay(config, device, state_sizes=None):
-    """The replay buffer: chunks of the frames, actions and rewards, and the proprioceptive states
-    when state heads need them. Outgoing rewards make each chunk from one more stored step
+    """The replay buffer: chunks of the frames, actions and rewards, the proprioceptive states
+    when state heads need them, and where episodes may end early the terminations and the valid
+    steps of padded chunks. Outgoing rewards make each chunk from one more stored step
     (`outgoing_reward_chunks`)."""
     keys = REPLAY_KEYS
     if config.state_heads != "none":
         keys += tuple(STATE_PREFIX + key for key in state_sizes)
     length = config.chunk_length + (config.reward_alignment == "outgoing")
     by_episode = len(config.tasks) > 1  # Each task its share of the chunks (`ReplayBuffer`).
+    # Envs that end early give padded chunks, with their terminations and valid steps.
     if config.replay_on_device:
-        return DeviceReplayBuffer(length, config.buffer_capacity, config.seed, device, keys, by_episode)
-    return ReplayBuffer(length, config.buffer_capacity, config.seed, keys, by_episode)
+        return DeviceReplayBuffer(length, config.buffer_capacity, config.seed, device, keys, by_episode,
+                                  config.ends_early)
+    return ReplayBuffer(length, config.buffer_capacity, config.seed, keys, by_episode, config.ends_early)
 
 
 # --- Reading runs back. Each raises ValueError with a one-line reason. ---

@@ -38,6 +38,10 @@ VIDEO_FRAMES = 100  # Of the first test episode, logged to TensorBoard as a GIF 
 DAY = 24 * 3600  # Seconds: a projected run longer than this on a CPU is worth a warning.
 
 
+class NothingToTrainOn(RuntimeError):
+    """The replay holds no chunk after the seed episodes: the run stops rather than collect forever."""
+
+
 # --- One update and C of them. ---
 
 def gradient_function(model, device, compile_update=False, capture_update=False):
@@ -71,22 +75,33 @@ def eager_gradients(model, loss_fn, *args):
     return loss, terms
 
 
+def loss_arguments(model, batch, config):
+    """The arguments of `model.loss` (and of `gradient_function`'s gradients) for a batch of
+    preprocessed chunks `(obs, actions, rewards, *states)` on the model's device, as the replay
+    gives them (`build_replay`), and where episodes end early (`config.ends_early`) their
+    `terminal` and `valid` steps last; aligned as `--reward-alignment` says."""
+    obs, actions, rewards, *states = batch
+    terminal = valid = None
+    if config.ends_early:
+        *states, terminal, valid = states
+    if config.reward_alignment == "outgoing":
+        obs, actions, rewards, *states = outgoing_reward_chunks(obs, actions, rewards, *states)
+        if valid is not None:  # Step t is the stored t with the reward and termination of t + 1.
+            terminal, valid = terminal[1:], valid[1:]
+    return (obs, actions, rewards, config.free_nats, config.reward_scale, config.overshooting_distance,
+            config.overshooting_kl_beta, config.overshooting_reward_scale, config.global_kl_beta,
+            dict(zip(model.state_models, states)), terminal, valid, config.continue_scale)
+
+
 def update(model, optimizer, batch, config, step, gradients=None):
-    """Gradient step number `step` (from 0) on a batch of preprocessed chunks `(obs, actions,
-    rewards, *states)` on the model's device, as the replay gives them (`build_replay`), its
-    gradients from `gradients` (`gradient_function`; default eager). Returns the detached loss
-    terms; no host sync unless --nan-policy skip, which must look at the loss before stepping."""
+    """Gradient step number `step` (from 0) on a batch as `loss_arguments` takes it, its gradients
+    from `gradients` (`gradient_function`; default eager). Returns the detached loss terms; no
+    host sync unless --nan-policy skip, which must look at the loss before stepping."""
     warmup = min(1.0, step / config.warmup_updates) if config.warmup_updates else 1.0
     for group in optimizer.param_groups:
         group["lr"] = config.learning_rate * warmup
-    obs, actions, rewards, *states = batch
-    if config.reward_alignment == "outgoing":
-        obs, actions, rewards, *states = outgoing_reward_chunks(obs, actions, rewards, *states)
-    gradients = gradients or gradient_function(model, obs.device)
-    loss, terms = gradients(obs, actions, rewards, config.free_nats, config.reward_scale,
-                            config.overshooting_distance, config.overshooting_kl_beta,
-                            config.overshooting_reward_scale, config.global_kl_beta,
-                            dict(zip(model.state_models, states)))
+    gradients = gradients or gradient_function(model, batch[0].device)
+    loss, terms = gradients(*loss_arguments(model, batch, config))
     terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip_norm)
     # A skipped step leaves the gradients for the next update to overwrite.
     if config.nan_policy != "skip" or torch.isfinite(loss + terms["grad_norm"]):
@@ -280,11 +295,14 @@ class Workspace:
             metrics = {}
             env = self.envs[counters["episodes"] % len(self.envs)]  # The tasks in turn.
             seeding = counters["episodes"] < config.seed_episodes * len(self.envs)
-            trains = not seeding and self.buffer.chunk_count() > 0
-            if not seeding and not trains:
-                # Every episode so far ended (terminated) before L steps: nothing to train on yet.
-                logging.warning("no episode in replay holds a chunk of %d steps yet: collecting "
-                                "episode %d before any update", self.buffer.chunk_length, counters["episodes"] + 1)
+            trains = not seeding
+            if trains and self.buffer.chunk_count() == 0:
+                # Only an unpadded replay can be empty (`ReplayBuffer`): collecting more would not help.
+                longest = max(len(episode["reward"]) for episode in self.buffer.episodes)
+                raise NothingToTrainOn(
+                    f"no episode of the {counters['episodes']} collected holds a chunk of "
+                    f"{self.buffer.chunk_length} steps (the longest has {longest}), and this env's "
+                    f"chunks are not padded: train with --chunk-length {longest} or less")
             # play_episode shows the reset frame and one after each decision (the last may be short).
             progress.start(trains, -(-config.max_episode_length // env.action_repeat) + 1)
             start = time.perf_counter()
@@ -411,7 +429,7 @@ def main(argv=None):
         warn_if_days(workspace)
     try:
         workspace.train()
-    except (FloatingPointError, OSError) as error:
+    except (FloatingPointError, OSError, NothingToTrainOn) as error:
         sys.exit(f"error: {error}")
     except KeyboardInterrupt:
         sys.exit(f"interrupted; continue with: python train.py --resume {run_dir}")

@@ -97,15 +97,23 @@ class ReplayBuffer:
     With `by_episode`, each chunk's episode is drawn first, uniformly among those that hold a
     chunk, then its start: the official loaders' one chunk per episode drawn (0c6f7d3
     `tools/chunk_sequence.py:49-56`), which a multi-task run needs so that each task gets its share
-    of the chunks whatever its episodes' lengths. Chunks never cross an episode end and are never
-    padded. When the buffer holds more than `capacity` steps, the oldest episodes leave memory
-    (their files stay on disk).
+    of the chunks whatever its episodes' lengths. Chunks never cross an episode end. When the
+    buffer holds more than `capacity` steps, the oldest episodes leave memory (their files stay on
+    disk).
+
+    Without `pad` (the Control Suite, whose episodes are all longer than a chunk) an episode
+    shorter than `L` gives no chunk. With `pad` (envs that end early), it gives one, from its
+    start, padded with zeros to `L`: an episode of n steps gives max(n - L + 1, 1) chunks, so that
+    it is drawn by what it holds and a 5-step one is not drawn as often as a 1000-step one. A
+    padded buffer also keeps each step's `terminal` flag (1 where the env terminated, not where a
+    time limit truncated it) and returns it and the steps' `valid` mask after the keys.
     """
 
-    def __init__(self, chunk_length, capacity=1_000_000, seed=0, keys=REPLAY_KEYS, by_episode=False):
+    def __init__(self, chunk_length, capacity=1_000_000, seed=0, keys=REPLAY_KEYS, by_episode=False, pad=False):
         self.chunk_length = chunk_length
         self.capacity = capacity
-        self.keys = tuple(keys)
+        self.pad = pad
+        self.keys = tuple(keys) + (("terminal",) if pad else ())  # What each step stores.
         self.by_episode = by_episode
         self.episodes = []
         self.rng = np.random.default_rng(seed)
@@ -116,14 +124,21 @@ class ReplayBuffer:
         return sum(len(episode["reward"]) for episode in self.episodes)
 
     def add(self, episode):
-        self.episodes.append(episode)
+        self.episodes.append(self._with_terminal(episode))
         while len(self.episodes) > 1 and self.steps > self.capacity:
             self.episodes.pop(0)
         lengths = np.array([len(episode["reward"]) for episode in self.episodes])
-        self._starts = np.maximum(lengths - self.chunk_length + 1, 0)
+        self._starts = np.maximum(lengths - self.chunk_length + 1, 1 if self.pad else 0)
+
+    def _with_terminal(self, episode):
+        """A padded buffer's episode with its `terminal` flags, none for one recorded before they were."""
+        if not self.pad or "terminal" in episode:
+            return episode
+        return {**episode, "terminal": np.zeros(len(episode["reward"]), np.float32)}
 
     def chunk_count(self):
-        """How many distinct chunks the buffer holds: 0 while every episode is shorter than `L`."""
+        """How many distinct chunks the buffer holds: without `pad`, 0 while every episode is
+        shorter than `L`."""
         return int(self._starts.sum())
 
     def chunk_starts(self, batch_size):
@@ -139,12 +154,26 @@ class ReplayBuffer:
         index = np.searchsorted(cumulative, flat, side="right")
         return index, flat - (cumulative[index] - self._starts[index])
 
+    def valid_steps(self, index, offset):
+        """`(L, B)` float32: 1 for the steps of the chunks that lie inside their episodes, 0 for padding."""
+        lengths = np.array([len(self.episodes[i]["reward"]) for i in index])
+        return (np.arange(self.chunk_length)[:, None] < (lengths - offset)[None]).astype(np.float32)
+
     def sample(self, batch_size):
         """-> one array per key, time-major: obs uint8 `(L, B, 3, 64, 64)`, actions `(L, B, A)`,
-        rewards `(L, B)`, then any further keys (e.g. `state_position` `(L, B, 3)`)."""
+        rewards `(L, B)`, then any further keys (e.g. `state_position` `(L, B, 3)`); with `pad`,
+        then `terminal` and `valid`, `(L, B)` each."""
         index, offset = self.chunk_starts(batch_size)
-        return tuple(np.stack([self.episodes[i][key][o:o + self.chunk_length] for i, o in zip(index, offset)],
-                              axis=1) for key in self.keys)
+        arrays = tuple(np.stack([self._slice(self.episodes[i][key], o) for i, o in zip(index, offset)], axis=1)
+                       for key in self.keys)
+        return (*arrays, self.valid_steps(index, offset)) if self.pad else arrays
+
+    def _slice(self, values, offset):
+        """`L` steps of one key from `offset`, zeros past the episode's end."""
+        chunk = values[offset:offset + self.chunk_length]
+        if len(chunk) == self.chunk_length:
+            return chunk
+        return np.concatenate([chunk, np.zeros((self.chunk_length - len(chunk), *chunk.shape[1:]), chunk.dtype)])
 
 
 class DeviceReplayBuffer(ReplayBuffer):
@@ -158,14 +187,16 @@ class DeviceReplayBuffer(ReplayBuffer):
     rewards `(L, B)`, then any further keys.
     """
 
-    def __init__(self, chunk_length, capacity=1_000_000, seed=0, device="cpu", keys=REPLAY_KEYS, by_episode=False):
-        super().__init__(chunk_length, capacity, seed, keys, by_episode)
+    def __init__(self, chunk_length, capacity=1_000_000, seed=0, device="cpu", keys=REPLAY_KEYS, by_episode=False,
+                 pad=False):
+        super().__init__(chunk_length, capacity, seed, keys, by_episode, pad)
         self.device = torch.device(device)
         self._flat = None  # key -> tensor (capacity, ...), the first `self._used` rows filled.
         self._used = 0
         self._first = np.zeros(0, dtype=np.int64)  # Each episode's first row.
 
     def add(self, episode):
+        episode = self._with_terminal(episode)
         length = len(episode["reward"])
         if self._flat is None:
             self._flat = {key: torch.empty((length, *episode[key].shape[1:]), device=self.device,
@@ -191,7 +222,17 @@ class DeviceReplayBuffer(ReplayBuffer):
         index, offset = self.chunk_starts(batch_size)
         rows = torch.as_tensor(self._first[index] + offset, device=self.device)
         rows = rows + torch.arange(self.chunk_length, device=self.device)[:, None]  # (L, B)
-        return tuple(self._flat[key][rows] for key in self.keys)
+        if not self.pad:
+            return tuple(self._flat[key][rows] for key in self.keys)
+        # Padding: the rows past an episode's end read its last row, then are zeroed.
+        valid = torch.as_tensor(self.valid_steps(index, offset), device=self.device)
+        lengths = np.array([len(self.episodes[i]["reward"]) for i in index])
+        rows = torch.minimum(rows, torch.as_tensor(self._first[index] + lengths - 1, device=self.device))
+        arrays = []
+        for key in self.keys:
+            values = self._flat[key][rows]
+            arrays.append(values * valid.view(*valid.shape, *[1] * (values.dim() - 2)).to(values.dtype))
+        return (*arrays, valid)
 
 
 class BatchPrefetcher:

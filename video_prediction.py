@@ -101,24 +101,29 @@ def predict(model, config, args, task, seed, device, suffix):
         agent = Agent(model, config.planner, config.bit_depth, plan=config.plan(device))
         episode = play_episode(env, planner_policy(agent))
     env.close()
-    if len(episode["reward"]) < total:
-        sys.exit(f"error: the episode has {len(episode['reward'])} frames, fewer than "
-                 f"--context + --length = {total}")
-    truth, prediction = open_loop_prediction(model, episode, args.context, total, config.bit_depth)
+    frames_held = len(episode["reward"])
+    if frames_held < args.context:
+        sys.exit(f"error: the episode has {frames_held} frames, fewer than --context {args.context}")
+    context = min(args.context, frames_held - 1)  # At least one frame predicted.
+    if frames_held < total:  # It ended early (a robot fell): predict what it holds.
+        logging.info("the episode ends after %d frames: predicting %d open loop instead of --length %d",
+                     frames_held, frames_held - context, args.length)
+        total = frames_held
+    truth, prediction = open_loop_prediction(model, episode, context, total, config.bit_depth)
     out = Path(args.out or Path(args.run_dir) / f"video_prediction.{'gif' if args.gif else 'mp4'}")
     out = out.with_stem(out.stem + suffix)
     if config.obs == "pixels":
-        frames = video_frames(truth, prediction, args.context)
+        frames = video_frames(truth, prediction, context)
     else:
         plot = Path(args.plot or Path(args.run_dir) / "state_prediction.png")
-        image = state_plot(truth, prediction, args.context, labels)
+        image = state_plot(truth, prediction, context, labels)
         cv2.imwrite(str(plot), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
         print(plot)
         frames = episode_frames(episode)
         if frames is None:
             logging.info("no video: %s renders no frames", task)
             return
-        frames = observed_frames(frames[:total], args.context)
+        frames = observed_frames(frames[:total], context)
     (write_gif if args.gif else write_video)(out, frames)
     print(out)
 

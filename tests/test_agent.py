@@ -195,7 +195,7 @@ def test_parallel_episodes_are_the_sequential_ones():
             obs, reward, _, _, info = replay.step(episode["action"][t])
             np.testing.assert_array_equal(obs, episode["obs"][t])
             assert reward == pytest.approx(episode["reward"][t])
-        assert sorted(episode) == ["action", "obs", "reward", "state_position", "state_velocity"]
+        assert sorted(episode) == ["action", "obs", "reward", "state_position", "state_velocity", "terminal"]
         assert_frames_are_the_episodes(frames[i], episode["obs"][:-1])
         with torch.no_grad():
             expected = filtered_belief(model, frames[i], episode["action"][:-1])

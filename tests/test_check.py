@@ -217,3 +217,29 @@ def test_a_timed_out_bench_keeps_the_figures_it_wrote(tmp_path, monkeypatch):
     assert ours.summary["figures_status"]["capture_planner"] == "ok"
     assert "timed out" in ours.summary["figures_status"]["tf32"]
     assert ours.training_paths() == (["capture_planner"], {"tf32": ours.training_paths()[1]["tf32"]})
+
+
+def test_at_the_h200s_timings_training_gets_most_of_the_deadline(tmp_path, monkeypatch):
+    """The H200's measured times (2026-11-30: set-up 13.6 s; every other step as long as its
+    budget allows, the worst case) on a clock of the test's own: at --deadline 540 with no path
+    to compile, training gets at least 55% of it, and every step keeps its minimum."""
+    clock = [0.0]
+    monkeypatch.setattr(check.time, "monotonic", lambda: clock[0])
+    ours = check.Check(tmp_path / "out", deadline=540, device="cuda", quick=False, work_dir=tmp_path / "work")
+
+    def takes(seconds=None):
+        def body(budget_end):
+            clock[0] = budget_end if seconds is None else clock[0] + seconds
+            return "ok", None
+        return body
+
+    for name in check.SHARES:
+        monkeypatch.setattr(ours, name, takes(13.6 if name == "setup" else None))
+    names = list(check.SHARES)
+    for i, name in enumerate(names):
+        ours.step(name, names[i + 1:], getattr(ours, name))
+    budgets = {name: step["budget_s"] for name, step in ours.summary["steps"].items()}
+    assert budgets["training"] >= 0.55 * 540, budgets
+    assert all(budgets[name] >= check.MIN_SECONDS[name] for name in names), budgets
+    assert budgets["correctness"] >= 50 and budgets["evaluation"] >= 45, budgets
+    assert clock[0] <= 540

@@ -1,5 +1,6 @@
 """Flag parsing and the update step of train.py, in process."""
 import dataclasses
+import inspect
 
 import pytest
 import torch
@@ -122,9 +123,9 @@ def test_update_gives_the_loss_the_aligned_chunks_and_states(alignment, monkeypa
     batch = BatchPrefetcher(buffer, config.batch_size, count=1, device="cpu").batch()
     seen = {}
 
-    def loss(obs, actions, rewards, *options):
-        seen.update(obs=obs, actions=actions, rewards=rewards, states=options[-1])
-        return WorldModel.loss(model, obs, actions, rewards, *options)
+    def loss(*args):
+        seen.update(inspect.signature(WorldModel.loss).bind(model, *args).arguments)
+        return WorldModel.loss(model, *args)
 
     monkeypatch.setattr(model, "loss", loss)
     update(model, torch.optim.Adam(model.parameters()), batch, config, step=0)
@@ -267,4 +268,4 @@ def test_a_cpu_run_of_days_is_announced_and_left_as_given(episodes, tmp_path, ca
     assert torch.equal(torch.random.get_rng_state(), random_state)
     for name, value in workspace.model.state_dict().items():
         assert torch.equal(value, weights[name]), name
-    assert workspace.config == config
+    assert workspace.saved_config == config and workspace.config == config.for_device("cpu")
