@@ -42,12 +42,13 @@ def rollout_returns(rssm, reward_model, actions, belief, state, discount=1.0, st
                 returns += running * reward
                 running = running * torch.sigmoid(continue_model(feature))
         return returns
-    feature = []
+    beliefs, states = [], []
     for action in actions:
         belief, prior = rssm.img_step(state, action, belief)
         state = prior.sample
-        feature.append(features(belief, state))
-    feature = torch.stack(feature)
+        beliefs.append(belief)
+        states.append(state)
+    feature = features(torch.stack(beliefs), torch.stack(states))  # (T, N, F)
     rewards = reward_model(feature)  # (T, N)
     if discount != 1:
         rewards = rewards * discount ** torch.arange(len(actions), device=actions.device)[:, None]

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from agent import Agent, cem_plan, planner_policy, play_episode, play_episodes
+from agent import Agent, planner_policy, play_episode, play_episodes, rollout_returns
 from config import SPEED_PATHS, Config, apply_preset
 from runs import build_env, build_model, build_replay, test_seeds
 from train import gradient_function, loss_arguments, train_model, update
@@ -273,7 +273,13 @@ def bench_launches(config, model, optimizer, buffer, device):
         for _ in range(2):
             call()
         plan_counts = count_launches(call, device)
-    return {"update": update_counts, "plan": plan_counts}
+        counts = {"update": update_counts, "plan": plan_counts}
+        if device.type == "cpu" and not config.capture_planner:  # The rollout as a GPU runs it, stacked.
+            stacked = lambda *args, **kwargs: rollout_returns(*args, **kwargs, stacked=True)
+            counts["plan_gpu_rollout"] = count_launches(lambda: plan(
+                model.rssm, model.reward_model, belief, state, **{**config.planner, "rollout": stacked},
+                continue_model=model.continue_model), device)
+    return counts
 
 
 def speed_flag(name):
