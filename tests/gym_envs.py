@@ -55,8 +55,19 @@ class ImageObservation(Recorder):
         self.observation_space = gym.spaces.Box(0, 255, (8, 8, 3), np.uint8)
 
 
+class Falls(Recorder):
+    """Terminates at a step drawn at reset from `np_random`, 2 to 9: parallel episodes of different
+    seeds end at different steps. The reward of step t is t."""
+
+    def reset(self, *, seed=None, options=None):
+        observation, info = super().reset(seed=seed, options=options)
+        self.terminate_at = int(self.np_random.integers(2, 10))
+        return observation, info
+
+
 gym.register("PlanetTest/Recorder-v0", entry_point=Recorder, max_episode_steps=50)
 gym.register("PlanetTest/Short-v0", entry_point=Recorder, kwargs={"terminate_at": 3})
+gym.register("PlanetTest/Falls-v0", entry_point=Falls)
 gym.register("PlanetTest/NoRender-v0", entry_point=NoRender)
 gym.register("PlanetTest/HumanOnly-v0", entry_point=HumanOnly)
 gym.register("PlanetTest/ImageObservation-v0", entry_point=ImageObservation)

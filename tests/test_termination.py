@@ -17,6 +17,7 @@ from wrappers import make_env
 
 SHORT = "gym:tests.gym_envs:PlanetTest/Short-v0"  # Terminates at env step 3.
 RECORDER = "gym:tests.gym_envs:PlanetTest/Recorder-v0"  # Terminates at 7, a time limit of 50.
+FALLS = "gym:tests.gym_envs:PlanetTest/Falls-v0"  # Terminates at a step drawn at reset.
 
 
 def fixed_batch(steps=6, batch=3, seed=0, states=False):
@@ -127,6 +128,28 @@ def test_a_time_limit_is_not_a_termination():
     cut = play_episode(make_env(RECORDER, action_repeat=1, max_episode_length=5, obs="state"),
                        random_policy(2, np.random.default_rng(0)))
     assert cut["terminal"].tolist() == [0] * 6
+
+
+def test_parallel_episodes_stop_at_their_own_terminations():
+    """Envs that terminate at different steps, played in parallel: each episode, its return and its
+    termination flag stop where its env terminated, as the same seed played alone."""
+    import contextlib
+
+    from agent import RandomAgent, play_episodes
+    from wrappers import make_parallel_envs
+    seeds = [3, 11, 20, 7]
+    with contextlib.closing(make_parallel_envs(FALLS, len(seeds), 1, 50, "state")) as envs:
+        episodes = play_episodes(envs, RandomAgent(2, np.random.default_rng(0), len(seeds)), seeds)
+    lengths = []
+    for seed, episode in zip(seeds, episodes):
+        env = make_env(FALLS, seed, 1, 50, "state")
+        env.reset(seed=seed)
+        ends_at = env._env.unwrapped.terminate_at
+        lengths.append(ends_at)
+        assert len(episode["reward"]) == ends_at + 1
+        assert episode["reward"].sum() == sum(range(1, ends_at + 1))  # Reward t at step t.
+        assert episode["terminal"].tolist() == [0] * ends_at + [1]
+    assert len(set(lengths)) > 1, "the seeds should end at different steps"
 
 
 # --- The loss over the valid steps. ---
