@@ -16,6 +16,11 @@ import torch
 from torch.utils import _pytree as pytree
 
 WARMUP_CALLS = 2  # Before capture: compiling, cuBLAS's workspaces and Triton's tuning happen here.
+# Every graph captured in this process, kept until it ends. Capture streams come from a pool of 32,
+# so two graphs may share one, and on torch 2.13 destroying a graph frees the cuBLAS workspace of
+# its capture stream, which the other still uses (pytorch/pytorch#193402): a bench of several
+# variants, or a test, drops its graphs while others live.
+_CAPTURED = []
 
 
 def signature(value):
@@ -89,6 +94,7 @@ class CUDAGraphed:
                     outputs = call()
             finally:
                 torch.cuda.set_rng_state(rng, device)
+        _CAPTURED.append(graph)
         return Graph(graph, stream, inputs, outputs, self.captured_state())
 
     def before_capture(self):

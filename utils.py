@@ -311,8 +311,11 @@ class BatchPrefetcher:
 @functools.cache
 def side_stream(device):
     """One side stream per GPU for the prefetcher. A new stream per call would strand memory: the
-    caching allocator keeps freed blocks per stream, and new streams rotate through a pool of 32."""
-    return torch.cuda.Stream(device)
+    caching allocator keeps freed blocks per stream, and new streams rotate through a pool of 32.
+    It is a high-priority stream, from another pool than the default priority's, from which CUDA
+    graphs take their capture streams (`capture.CUDAGraphed`): after 32 captures one of those
+    would otherwise be this stream, and a capture would record the prefetcher's copies."""
+    return torch.cuda.Stream(device, priority=-1)
 
 
 def outgoing_reward_chunks(obs, actions, rewards, *states):

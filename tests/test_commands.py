@@ -305,12 +305,18 @@ def test_video_prediction_from_a_stored_episode(run_dir, tmp_path, monkeypatch):
     assert difference[5:].any(), "the tiny model's open-loop prediction is not the truth"
 
 
-def test_video_prediction_refuses_an_episode_shorter_than_asked(run_dir, tmp_path):
+def test_video_prediction_predicts_what_a_short_episode_holds(run_dir, tmp_path):
+    """An episode shorter than --context + --length (one that ended early) is predicted as far as
+    it goes, with one line that says so; only one shorter than the context is refused."""
     episode = episode_paths(run_dir / "episodes" / "train")[0]  # 26 frames.
     result = run("video_prediction.py", str(run_dir), "--episode", str(episode), "--length", "22",
-                 "--out", str(tmp_path / "short.mp4"), check=False)
-    assert_clean_error(result, "the episode has 26 frames, fewer than --context + --length = 27")
-    assert not (tmp_path / "short.mp4").exists()
+                 "--out", str(tmp_path / "short.mp4"))
+    assert "the episode ends after 26 frames: predicting 21 open loop instead of --length 22" in result.stderr
+    assert cv2.VideoCapture(str(tmp_path / "short.mp4")).get(cv2.CAP_PROP_FRAME_COUNT) == 26
+    result = run("video_prediction.py", str(run_dir), "--episode", str(episode), "--context", "30",
+                 "--out", str(tmp_path / "shorter.mp4"), check=False)
+    assert_clean_error(result, "the episode has 26 frames, fewer than --context 30")
+    assert not (tmp_path / "shorter.mp4").exists()
 
 
 def test_video_prediction_writes_a_gif(run_dir, tmp_path):
