@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import bench
-from config import SPEED_PATHS
+from config import SPEED_PATHS, Config
 from utils import read_jsonl, write_json, write_jsonl
 
 ROOT = Path(__file__).resolve().parent
@@ -269,7 +269,7 @@ class Check:
         first = ["update", "plan"] if self.quick else ["launches", "update", "plan", "env"]
         status = self.bench("variants", variants, first, (budget_end - time.monotonic()) * VARIANTS_SHARE)
         paths = self.training_paths()[0]
-        chosen = [path for path in (paths if paths is not None else self.default_paths())]
+        chosen = paths if paths is not None else self.default_paths()
         second = ["update", "plan"] if self.quick else ["update", "plan", "iteration", "test"]
         chosen_status = self.bench("chosen", [chosen], second, budget_end - time.monotonic())
         if not self.quick:
@@ -279,7 +279,6 @@ class Check:
         return ("ok" if ok else "failed"), "\n".join(errors) or None
 
     def default_paths(self):
-        from config import Config
         return Config().for_device(self.device).speed_paths()
 
     def training(self, budget_end):
