@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from capture import CUDAGraphed
-from model import features
+from model import cpu_order, features
 from utils import preprocess_observation
 
 
@@ -16,7 +16,7 @@ def rollout_returns(rssm, reward_model, actions, belief, state, discount=1.0, st
     the step k (from 0) weighted by `discount ** k`: 1 (HEAD, undiscounted) or 0.99 (camera-ready
     `0c6f7d3`, `control/planning.py:28,51-52`).
 
-    Two orders of the same sum; `stacked` picks one (None: by device). On a CPU rewards are added
+    Two orders of the same sum; `stacked` picks one (None: `model.cpu_order`). On a CPU rewards are added
     step by step: `(N, 300)` activations stay in cache, and its matmuls run twice as fast as on
     the `(T * N, 300)` stack. On a GPU every op is a kernel launch, and the launches are the cost:
     there the reward model runs once on the T steps' stacked features, 7 launches instead of 7 T.
@@ -27,12 +27,13 @@ def rollout_returns(rssm, reward_model, actions, belief, state, discount=1.0, st
     (danijar/dreamer 399cad5, `dreamer.py` `_train`): a plan that falls gains nothing after.
     """
     if stacked is None:
-        stacked = actions.device.type != "cpu"
+        stacked = not cpu_order(actions.device)
     if not stacked:
         returns = torch.zeros(actions.shape[1], device=actions.device)
         running = torch.ones_like(returns) if continue_model is not None else None
-        for step, action in enumerate(actions):
-            belief, prior = rssm.img_step(state, action, belief)
+        noise = rssm.prior_noise(actions)  # Drawn as `imagine` draws it, so both orders see one noise.
+        for step, action in enumerate(actions.unbind(0)):
+            belief, prior = rssm.img_step(state, action, belief, None if noise is None else noise[step])
             state = prior.sample
             feature = features(belief, state)
             reward = discount ** step * reward_model(feature)
@@ -42,13 +43,8 @@ def rollout_returns(rssm, reward_model, actions, belief, state, discount=1.0, st
                 returns += running * reward
                 running = running * torch.sigmoid(continue_model(feature))
         return returns
-    beliefs, states = [], []
-    for action in actions:
-        belief, prior = rssm.img_step(state, action, belief)
-        state = prior.sample
-        beliefs.append(belief)
-        states.append(state)
-    feature = features(torch.stack(beliefs), torch.stack(states))  # (T, N, F)
+    beliefs, states = rssm.imagine(actions, belief, state)
+    feature = features(beliefs, states)  # (T, N, F)
     rewards = reward_model(feature)  # (T, N)
     if discount != 1:
         rewards = rewards * discount ** torch.arange(len(actions), device=actions.device)[:, None]
@@ -90,13 +86,13 @@ def cem_plan(rssm, reward_model, belief, state, horizon=12, iterations=10, candi
     std = torch.ones_like(mean)
     for _ in range(iterations):
         noise = torch.randn(horizon, batch, candidates, action_size, device=belief.device)
-        actions = (mean + std * noise).clamp(-1, 1)
+        actions = torch.addcmul(mean, std, noise).clamp(-1, 1)
         returns = rollout(rssm, reward_model, actions.reshape(horizon, batch * candidates, action_size),
                           belief, state, discount, **heads).reshape(batch, candidates)
         top = returns.topk(top_candidates, dim=1).indices  # (B, K)
         best = actions.gather(2, top[None, :, :, None].expand(horizon, -1, -1, action_size))
-        mean = best.mean(2, keepdim=True)
-        std = (best.var(2, unbiased=False, keepdim=True) + 1e-6).sqrt()
+        var, mean = torch.var_mean(best, 2, correction=0, keepdim=True)
+        std = (var + 1e-6).sqrt()
     return mean[0, :, 0]
 
 

@@ -27,10 +27,11 @@ import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from agent import Agent, planner_policy, play_episode, play_episodes, rollout_returns
+from agent import Agent, planner_policy, play_episode, play_episodes
 from config import SPEED_PATHS, Config, apply_preset
+from model import gpu_order
 from runs import build_env, build_model, build_replay, test_seeds
-from train import gradient_function, loss_arguments, train_model, update
+from train import build_optimizer, clip_gradients, gradient_function, loss_arguments, train_model, update
 from utils import BatchPrefetcher, keep_freed_memory, resolve_device, set_matmul_precision, write_json
 from wrappers import OBSERVATIONS, check_task, default_action_repeat, make_env, make_parallel_envs
 
@@ -120,7 +121,7 @@ def bench_update(config, model, optimizer, buffer, device, repeats, warmup):
         with stopwatch(parts, "gradients", device):
             gradients(*loss_arguments(model, data, config))
         with stopwatch(parts, "step", device):
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip_norm)
+            clip_gradients(model, config)
             optimizer.step()
     model.eval()
     times.update({name: values[warmup:] for name, values in parts.items()})  # The first warmed up.
@@ -146,7 +147,7 @@ def project_run(config, model, env, episodes_left, device):
     call per decision; each test, one batched call per decision for its parallel episodes, counted
     as that many single calls. -> (seconds per trained episode, seconds in all, the parts)."""
     model = copy.deepcopy(model)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, eps=config.adam_epsilon)
+    optimizer = build_optimizer(model, config)
     decisions = -(-config.max_episode_length // env.action_repeat)
     buffer = build_replay(config, device, env.state_sizes)
     buffer.add(random_episode(env, config.chunk_length + 1, np.random.default_rng(0)))  # Either alignment.
@@ -219,18 +220,31 @@ def bench_test(config, model, device, episodes, decisions):
 
 
 class OpCounter(TorchDispatchMode):
-    """Counts the ATen operations dispatched, views left out (they launch nothing): the number of
-    kernels that eager PyTorch launches on a CPU, and a proxy of it on CUDA, where some ops are
-    fused kernels (nn.GRUCell) and a few launch two."""
+    """Counts the ATen operations dispatched that launch a kernel: the number that eager PyTorch
+    launches on a CPU, and a proxy of it on CUDA, where some ops are fused kernels (nn.GRUCell)
+    and a few launch two. Left out are the ops that only alias their input (views, and those
+    that return views undeclared: `unsafe_split`, inside nn.GRUCell on a CPU) and the
+    profiler's markers (`optimizer.step` sets two)."""
 
     def __init__(self):
         super().__init__()
         self.ops = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not func.is_view:
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view and func.namespace != "profiler" and not aliases_only(func, args, out):
             self.ops += 1
-        return func(*args, **(kwargs or {}))
+        return out
+
+
+def aliases_only(func, args, out):
+    """Whether `func`, writing to none of its arguments, returned only views of its inputs' memory."""
+    if func._schema.is_mutable:
+        return False
+    inputs = {arg.untyped_storage().data_ptr() for arg in args if isinstance(arg, torch.Tensor)}
+    outputs = out if isinstance(out, (list, tuple)) else [out]
+    return bool(outputs) and all(isinstance(x, torch.Tensor) and x.untyped_storage().data_ptr() in inputs
+                                 and x.numel() > 0 for x in outputs)
 
 
 def count_launches(fn, device):
@@ -268,17 +282,17 @@ def bench_launches(config, model, optimizer, buffer, device):
         model.train()
         for _ in range(2):  # A captured path captures here.
             step()
-        update_counts = count_launches(step, device)
+        counts = {"update": count_launches(step, device)}
         model.eval()
         for _ in range(2):
             call()
-        plan_counts = count_launches(call, device)
-        counts = {"update": update_counts, "plan": plan_counts}
-        if device.type == "cpu" and not config.capture_planner:  # The rollout as a GPU runs it, stacked.
-            stacked = lambda *args, **kwargs: rollout_returns(*args, **kwargs, stacked=True)
-            counts["plan_gpu_rollout"] = count_launches(lambda: plan(
-                model.rssm, model.reward_model, belief, state, **{**config.planner, "rollout": stacked},
-                continue_model=model.continue_model), device)
+        counts["plan"] = count_launches(call, device)
+        if device.type == "cpu" and not (config.capture_planner or config.compile_update):
+            with gpu_order():  # The same code in a GPU's order: a CPU's count of a GPU's launches.
+                model.train()
+                counts["update_gpu_order"] = count_launches(step, device)
+                model.eval()
+                counts["plan_gpu_order"] = count_launches(call, device)
     return counts
 
 
@@ -306,7 +320,7 @@ def measure(config, device, figures, repeats, quick, on_figure):
     rng = np.random.default_rng(0)
     env = build_env(config)
     model = build_model(config, env).to(device).eval()
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, eps=config.adam_epsilon)
+    optimizer = build_optimizer(model, config)
     buffer = filled_buffer(config, env, 4 if quick else 20, rng, device)
     env.close()
     if device.type == "cuda":

@@ -5,6 +5,7 @@ Notation: `belief` is the deterministic GRU state h_t, `state` the stochastic la
 The transition model is the paper's RSSM by default; `transition_model` also builds the two
 designs it is compared with in Sec. 5 (Figure 4): the stochastic-only SSM and the deterministic GRU.
 """
+import contextlib
 import math
 from typing import NamedTuple
 
@@ -27,8 +28,9 @@ class Gaussian(NamedTuple):
 
 
 def stack_gaussians(gaussians):
-    """List of T `Gaussian`s of `(B, S)` -> one `Gaussian` of `(T, B, S)`."""
-    return Gaussian(*(torch.stack(field) for field in zip(*gaussians)))
+    """List of T `Gaussian`s of `(B, S)` -> one `Gaussian` of `(T, B, S)` (no samples if they
+    have none)."""
+    return Gaussian(*(None if field[0] is None else torch.stack(field) for field in zip(*gaussians)))
 
 
 def gaussian_kl(q, p):
@@ -44,6 +46,28 @@ def gaussian_nll(target, mean, dims):
     if dims:  # Sum first, then scale and shift once per sum rather than once per pixel.
         squared = squared.sum(dim=tuple(range(-dims, 0)))
     return 0.5 * squared + 0.5 * LOG_2PI * math.prod(target.shape[target.dim() - dims:])
+
+
+_GPU_ORDER = [False]  # Set by `gpu_order`.
+
+
+def cpu_order(device):
+    """Whether ops on `device` run in the CPU's order. A CPU and a GPU want the same computation
+    in two orders (docs/speed.md): a CPU's cost is memory, so it copies a strided half to run
+    softplus 4-10x faster and sums the planner's rewards step by step while they are in cache; a
+    GPU's cost is kernel launches, so it copies nothing and runs the reward model once on the
+    stacked steps. This is the one switch between them."""
+    return device.type == "cpu" and not _GPU_ORDER[0]
+
+
+@contextlib.contextmanager
+def gpu_order():
+    """Run the GPU's order on any device: how bench.py counts a GPU's launches on a CPU."""
+    _GPU_ORDER[0] = True
+    try:
+        yield
+    finally:
+        _GPU_ORDER[0] = False
 
 
 def masked_mean(x, valid):
@@ -94,30 +118,45 @@ def gaussian_layer(in_size, state_size):
     return layer
 
 
-def gaussian(params, mean_only=False):
+def gaussian(params, mean_only=False, noise=None, sample=True):
     """Split `(..., 2 * S)` into the mean and the pre-softplus std of a diagonal Gaussian and draw
-    one sample (the mean itself when `mean_only`, official `mean_only`)."""
+    one sample: the mean itself when `mean_only` (official `mean_only`), else mean + std * `noise`,
+    the noise drawn here unless given. With `sample` False it draws nothing, and `sample` is None."""
     mean, std = params.chunk(2, dim=-1)
-    if std.device.type == "cpu":  # There softplus runs 10x faster on a contiguous copy than on this
-        std = std.contiguous()  # strided half; a GPU needs no copy, which would be one more launch.
+    if cpu_order(std.device):
+        std = std.contiguous()
     std = F.softplus(std) + MIN_STD
-    return Gaussian(mean, std, mean if mean_only else mean + std * torch.randn_like(std))
+    if not sample:
+        return Gaussian(mean, std, None)
+    if mean_only:
+        return Gaussian(mean, std, mean)
+    return Gaussian(mean, std, torch.addcmul(mean, std, torch.randn_like(std) if noise is None else noise))
+
+
+def input_columns(layer, size):
+    """The weight `(out, in)` of a layer that reads two inputs concatenated, as the columns that
+    read the first `size` inputs and those that read the rest: views, so the state dict is the
+    layer's own. Applying them apart spares the `cat`, and lets a sequence's second input go
+    through in one matmul over all its steps."""
+    return layer.weight[:, :size], layer.weight[:, size:]
 
 
 class TransitionModel(nn.Module):
     """The interface of a latent transition model: all that the loss, the planner, the agent and
     the open-loop predictions use. A subclass defines `img_step` and `obs_step`:
 
-    img_step(state, action, belief) -> belief, prior      one step of p(s_t | s_<t, a_<t)
+    img_step(state, action, belief, noise=None) -> belief, prior      one step of p(s_t | s_<t, a_<t)
     obs_step(state, action, belief, embed) -> belief, prior, posterior    q(s_t | ..., o_t)
 
     with `state (B, S)` the previous sample, `action (B, A)` the action that led to step t and
-    `belief (B, belief_size)` the deterministic part, which is empty (size 0) in a model without one.
+    `belief (B, belief_size)` the deterministic part, which is empty (size 0) in a model without one;
+    the prior's sample is mean + std * `noise (B, S)`, drawn if not given.
     """
 
     action_size: int
     belief_size: int
     state_size: int
+    mean_only = False  # Samples are means (the GRU of Figure 4).
 
     @property
     def feature_size(self):
@@ -131,9 +170,10 @@ class TransitionModel(nn.Module):
     def observe(self, embeds, actions, belief, state):
         """Filter a sequence. `embeds (T, B, E)`, `actions (T, B, A)` where `actions[t]` led to
         the observation of `embeds[t]`. -> beliefs `(T, B, H)`, priors and posteriors `(T, B, S)`.
-        Posterior samples are fed forward, as in training and acting."""
+        Posterior samples are fed forward, as in training and acting; the priors are not sampled."""
         beliefs, priors, posteriors = [], [], []
-        for embed, action in zip(embeds, actions):
+        # `unbind`, not indexing, whose backward would be one scatter into zeros per step.
+        for embed, action in zip(embeds.unbind(0), actions.unbind(0)):
             belief, prior, posterior = self.obs_step(state, action, belief, embed)
             state = posterior.sample
             beliefs.append(belief)
@@ -144,13 +184,21 @@ class TransitionModel(nn.Module):
     def imagine(self, actions, belief, state):
         """Open-loop rollout with prior samples. `actions (T, B, A)` -> beliefs `(T, B, H)`,
         states `(T, B, S)`."""
+        noise = self.prior_noise(actions)
         beliefs, states = [], []
-        for action in actions:
-            belief, prior = self.img_step(state, action, belief)
+        for t, action in enumerate(actions.unbind(0)):
+            belief, prior = self.img_step(state, action, belief, None if noise is None else noise[t])
             state = prior.sample
             beliefs.append(belief)
             states.append(state)
         return torch.stack(beliefs), torch.stack(states)
+
+    def prior_noise(self, actions):
+        """The noise of the prior samples of a rollout of `actions (T, B, A)`, `(T, B, S)`, drawn
+        at once (one launch, not T); None for a model whose samples are their means."""
+        if self.mean_only:
+            return None
+        return torch.randn(*actions.shape[:2], self.state_size, device=actions.device)
 
 
 class RSSM(TransitionModel):
@@ -177,19 +225,64 @@ class RSSM(TransitionModel):
         self.fc_posterior_hidden = nn.Linear(belief_size + embed_size, hidden_size)
         self.fc_posterior = gaussian_layer(hidden_size, state_size)
 
-    def img_step(self, state, action, belief):
+    def img_step(self, state, action, belief, noise=None):
         """One prior step: `(B, S)`, `(B, A)`, `(B, H)` -> belief `(B, H)`, prior `Gaussian`."""
-        x = F.relu(self.fc_state_action(torch.cat([state, action], dim=-1)))
-        belief = self.gru(x, belief)
-        prior = gaussian(self.fc_prior(F.relu(self.fc_prior_hidden(belief))), self.mean_only)
-        return belief, prior
+        belief = self._recur(self.fc_state_action(torch.cat([state, action], dim=-1)), belief)
+        return belief, self.prior(belief, noise)
 
     def obs_step(self, state, action, belief, embed):
-        """Prior step, then condition on the embed `(B, E)`: -> belief, prior, posterior."""
-        belief, prior = self.img_step(state, action, belief)
-        hidden = F.relu(self.fc_posterior_hidden(torch.cat([belief, embed], dim=-1)))
-        posterior = gaussian(self.fc_posterior(hidden), self.mean_only)
-        return belief, prior, posterior
+        """Prior step, then condition on the embed `(B, E)`: -> belief, prior (not sampled),
+        posterior."""
+        belief = self._recur(self.fc_state_action(torch.cat([state, action], dim=-1)), belief)
+        posterior = self._posterior(self.fc_posterior_hidden(torch.cat([belief, embed], dim=-1)))
+        return belief, self.prior(belief, sample=False), posterior
+
+    def prior(self, belief, noise=None, sample=True):
+        """p(s_t | h_t) of beliefs of any batch shape `(..., H)`, sampled with `noise` if given."""
+        return gaussian(self.fc_prior(F.relu(self.fc_prior_hidden(belief))), self.mean_only, noise, sample)
+
+    def _recur(self, x, belief):
+        """h_t = GRU(relu(x), h_{t-1}), with x = W [s_{t-1}, a_{t-1}] + b the input layer's output."""
+        return self.gru(F.relu(x), belief)
+
+    def _posterior(self, x):
+        """q(s_t | h_t, e_t), with x = W [h_t, e_t] + b its first layer's output."""
+        return gaussian(self.fc_posterior(F.relu(x)), self.mean_only)
+
+    # The filter and the rollout compute what `obs_step` and `img_step` do, step by step, with
+    # fewer kernel launches (a GPU's cost, docs/speed.md): the actions' (and embeds') columns of
+    # the input layers run as one matmul over all T steps, so a step's input layer is one `addmm`
+    # with no `cat`; the filter's priors, which nothing in the loop reads, run once on all T
+    # beliefs after it; the rollout draws the noise of its T samples at once.
+
+    def observe(self, embeds, actions, belief, state):
+        """`TransitionModel.observe`: `obs_step` over the T steps, in fewer launches."""
+        state_weight, action_weight = input_columns(self.fc_state_action, self.state_size)
+        belief_weight, embed_weight = input_columns(self.fc_posterior_hidden, self.belief_size)
+        action_inputs = F.linear(actions, action_weight, self.fc_state_action.bias)  # (T, B, hidden)
+        embed_inputs = F.linear(embeds, embed_weight, self.fc_posterior_hidden.bias)
+        beliefs, posteriors = [], []
+        for action_input, embed_input in zip(action_inputs.unbind(0), embed_inputs.unbind(0)):
+            belief = self._recur(torch.addmm(action_input, state, state_weight.t()), belief)
+            posterior = self._posterior(torch.addmm(embed_input, belief, belief_weight.t()))
+            state = posterior.sample
+            beliefs.append(belief)
+            posteriors.append(posterior)
+        beliefs = torch.stack(beliefs)
+        return beliefs, self.prior(beliefs, sample=False), stack_gaussians(posteriors)
+
+    def imagine(self, actions, belief, state):
+        """`TransitionModel.imagine`: `img_step` over the T steps, in fewer launches."""
+        state_weight, action_weight = input_columns(self.fc_state_action, self.state_size)
+        action_inputs = F.linear(actions, action_weight, self.fc_state_action.bias)
+        noise = self.prior_noise(actions)
+        beliefs, states = [], []
+        for t, action_input in enumerate(action_inputs.unbind(0)):
+            belief = self._recur(torch.addmm(action_input, state, state_weight.t()), belief)
+            state = self.prior(belief, None if noise is None else noise[t]).sample
+            beliefs.append(belief)
+            states.append(state)
+        return torch.stack(beliefs), torch.stack(states)
 
 
 class SSM(TransitionModel):
@@ -210,16 +303,19 @@ class SSM(TransitionModel):
         self.fc_posterior_hidden = nn.Linear(2 * state_size + embed_size, hidden_size)
         self.fc_posterior = gaussian_layer(hidden_size, state_size)
 
-    def img_step(self, state, action, belief):
+    def img_step(self, state, action, belief, noise=None):
         """One prior step: `(B, S)`, `(B, A)`, empty `(B, 0)` -> the same belief, prior `Gaussian`."""
-        hidden = F.relu(self.fc_transition_hidden(torch.cat([state, action], dim=-1)))
-        return belief, gaussian(self.fc_transition(hidden))
+        return belief, self._transition(state, action, noise)
 
     def obs_step(self, state, action, belief, embed):
-        """Prior step, then condition on the embed `(B, E)`: -> belief, prior, posterior."""
-        belief, prior = self.img_step(state, action, belief)
+        """Prior step (not sampled), then condition on the embed `(B, E)`: -> belief, prior, posterior."""
+        prior = self._transition(state, action, sample=False)
         hidden = F.relu(self.fc_posterior_hidden(torch.cat([prior.mean, prior.std, embed], dim=-1)))
         return belief, prior, gaussian(self.fc_posterior(hidden))
+
+    def _transition(self, state, action, noise=None, sample=True):
+        hidden = F.relu(self.fc_transition_hidden(torch.cat([state, action], dim=-1)))
+        return gaussian(self.fc_transition(hidden), noise=noise, sample=sample)
 
 
 MODELS = ("rssm", "ssm", "gru")

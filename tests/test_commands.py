@@ -163,9 +163,11 @@ def test_test_command_writes_the_episodes_as_a_video(run_dir, tmp_path, kind):
     assert result.stdout.strip().splitlines()[-1] == str(out)
     frames = 200 // 8 + 1  # Every episode of the tiny run: the reset frame and 25 decisions.
     if kind == "gif":
+        # Pillow merges a frame that repeats the one before into it, adding up their durations.
         image = Image.open(out)
-        assert image.n_frames == 2 * frames and image.size == (2 * 64, 64)
-        image.seek(frames)
+        ends = np.cumsum([image.seek(i) or image.info["duration"] for i in range(image.n_frames)])
+        assert image.size == (2 * 64, 64) and ends[-1] == 2 * frames * 100  # 10 frames a second.
+        image.seek(int(np.searchsorted(ends, frames * 100, side="right")))  # The second round's first.
         assert not np.asarray(image.convert("RGB"))[:, 64:].any()  # The second round's empty tile.
     else:
         video = cv2.VideoCapture(str(out))

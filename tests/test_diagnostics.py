@@ -46,10 +46,13 @@ def test_open_loop_errors_match_a_step_by_step_computation(reward_offset, monkey
                                                                 tiny_model.encoder(obs[t:t + 1]))
                 state = posterior.sample
                 filtered.append((belief, state))
-            for t in range(0, len(obs) - horizon - reward_offset, stride):
+            starts = range(0, len(obs) - horizon - reward_offset, stride)
+            noise = torch.randn(horizon, len(starts), 4)  # As one `imagine` of all starts draws it.
+            for i, t in enumerate(starts):
                 belief, state = filtered[t]
                 for k in range(1, horizon + 1):
-                    belief, prior = tiny_model.rssm.img_step(state, actions[t + k:t + k + 1], belief)
+                    belief, prior = tiny_model.rssm.img_step(state, actions[t + k:t + k + 1], belief,
+                                                             noise[k - 1, i:i + 1])
                     state = prior.sample
                     imagined = torch.cat([state, belief], -1)
                     closed = torch.cat([filtered[t + k][1], filtered[t + k][0]], -1)

@@ -34,8 +34,10 @@ def test_shapes(variant, belief_size):
     beliefs, priors, posteriors = rssm.observe(embed, torch.zeros(5, 2, 6), belief, state)
     assert beliefs.shape == (5, 2, belief_size) and rssm.feature_size == belief_size + 30
     for gaussian in (priors, posteriors):
-        assert all(x.shape == (5, 2, 30) for x in gaussian)
+        assert gaussian.mean.shape == gaussian.std.shape == (5, 2, 30)
         assert (gaussian.std >= 0.1).all()
+    assert posteriors.sample.shape == (5, 2, 30)
+    assert priors.sample is None, "the filter feeds posteriors forward and draws no prior sample"
     feature = torch.cat([posteriors.sample, beliefs], -1)
     assert decoder(feature).shape == (5, 2, 3, 64, 64)
     assert reward(feature).shape == (5, 2)
@@ -114,8 +116,8 @@ def test_kl_is_posterior_to_prior_and_matches_hand_computation():
 
 
 def independent_rssm_step(rssm, belief, state, action, embed):
-    """One step of the RSSM from its layers, with torch.distributions. Draws the prior sample, then
-    the posterior sample, as the RSSM does; with `mean_only` (the GRU variant) draws nothing."""
+    """One step of the RSSM from its layers, with torch.distributions. Draws the posterior sample,
+    the one that the filter feeds forward; with `mean_only` (the GRU variant) draws nothing."""
     hidden = F.relu(rssm.fc_state_action(torch.cat([state, action], -1)))
     belief = rssm.gru(hidden, belief)
     prior_mean, prior_std = rssm.fc_prior(F.relu(rssm.fc_prior_hidden(belief))).chunk(2, -1)
@@ -125,7 +127,6 @@ def independent_rssm_step(rssm, belief, state, action, embed):
     posterior = Normal(post_mean, F.softplus(post_std) + 0.1)
     if rssm.mean_only:
         return belief, posterior.mean, prior, posterior
-    prior.rsample()  # Keeps the random stream aligned with the RSSM's prior sample.
     return belief, posterior.rsample(), prior, posterior
 
 
@@ -134,7 +135,6 @@ def independent_ssm_step(ssm, belief, state, action, embed):
     prior_mean, prior_std = ssm.fc_transition(
         F.relu(ssm.fc_transition_hidden(torch.cat([state, action], -1)))).chunk(2, -1)
     prior = Normal(prior_mean, F.softplus(prior_std) + 0.1)
-    prior.rsample()
     post_mean, post_std = ssm.fc_posterior(F.relu(ssm.fc_posterior_hidden(
         torch.cat([prior.mean, prior.stddev, embed], -1)))).chunk(2, -1)
     posterior = Normal(post_mean, F.softplus(post_std) + 0.1)
