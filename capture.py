@@ -10,6 +10,7 @@ We capture by hand (`torch.cuda.graph`) rather than with Inductor's CUDA graph t
 (pytorch/pytorch PR #175562 turned it into a warning in later versions), and the capture here
 is small enough to read.
 """
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -25,13 +26,29 @@ _CAPTURED = []
 
 def signature(value):
     """A leaf of a call's arguments as part of its graph's key: a tensor by its shape, dtype and
-    device (the graph reads its values), a module by itself and its mode, anything else (a
-    float) by itself."""
+    device (the graph reads its values), a module by itself, weakly, and its mode, anything else
+    (a float) by itself."""
     if isinstance(value, torch.Tensor):
         return ("tensor", tuple(value.shape), value.dtype, value.device)
     if isinstance(value, torch.nn.Module):
-        return value, value.training
+        return ModuleKey(value)
     return value
+
+
+class ModuleKey:
+    """A module and its mode in a graph's key, held by a weak reference, so that a planner's graphs
+    keep no model alive (its graph's memory stays, `_CAPTURED`). Once the module is gone the key
+    equals no other: a new module at its address gets graphs of its own."""
+
+    def __init__(self, module):
+        self.module, self.training, self.address = weakref.ref(module), module.training, id(module)
+
+    def __hash__(self):
+        return hash((self.address, self.training))
+
+    def __eq__(self, other):
+        return (isinstance(other, ModuleKey) and self.training == other.training
+                and self.module() is not None and self.module() is other.module())
 
 
 class CUDAGraphed:
@@ -41,8 +58,9 @@ class CUDAGraphed:
     runs `WARMUP_CALLS` times on a side stream and is then captured. Each call copies its
     tensors into the buffers, replays, and returns copies of the outputs (the next replay writes
     over the graph's own). Everything else in the arguments (modules, numbers) is part of the
-    key, so a graph never sees other weights or settings: parameters are read in place, and
-    optimizer steps and `load_state_dict` update them where the graph reads them.
+    key (a module weakly: `ModuleKey`), so a graph never sees other weights or settings:
+    parameters are read in place, and optimizer steps and `load_state_dict` update them where the
+    graph reads them.
 
     Random draws use the default CUDA generator, which graphs replay with fresh numbers: the
     generator's state is put back after warm-up and capture, so that a seed gives `fn`'s eager
@@ -70,9 +88,11 @@ class CUDAGraphed:
         return pytree.tree_map(lambda x: x.detach().clone() if isinstance(x, torch.Tensor) else x, graph.outputs)
 
     def capture(self, leaves, spec):
-        inputs = [leaf.detach().clone() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
+        # Static copies of the tensors; the rest (modules, numbers) is passed as given, not kept.
+        inputs = [leaf.detach().clone() if isinstance(leaf, torch.Tensor) else None for leaf in leaves]
         device = next(leaf.device for leaf in leaves if isinstance(leaf, torch.Tensor))
-        args, kwargs = pytree.tree_unflatten(inputs, spec)
+        args, kwargs = pytree.tree_unflatten([leaf if static is None else static
+                                              for static, leaf in zip(inputs, leaves)], spec)
         call = lambda: self.fn(*args, **kwargs)
         with torch.cuda.device(device):  # The generator that capture registers is this device's.
             rng = torch.cuda.get_rng_state(device)
@@ -110,7 +130,7 @@ class CUDAGraphed:
 class Graph(NamedTuple):
     graph: torch.cuda.CUDAGraph
     stream: torch.cuda.Stream  # Its capture stream, kept as long as the graph.
-    inputs: list  # The static copies of the call's leaves.
+    inputs: list  # The static copies of the call's tensors, None for its other leaves.
     outputs: object  # What the captured call returned, which each replay overwrites.
     state: object
 

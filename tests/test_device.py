@@ -11,6 +11,9 @@ another order), TF32 (a 10-bit mantissa) 1e-2, bf16 autocast of the convolutions
 Gradients are compared as whole vectors: their norms within the tolerance, their directions
 within cosine 1 - tolerance / 10.
 """
+import gc
+import weakref
+
 import numpy as np
 import pytest
 import torch
@@ -22,7 +25,7 @@ from conftest import TINY_FLAGS, TINY_MODEL, make_episode
 from model import WorldModel
 from config import Config
 from runs import load_run
-from train import gradient_function, main as train_main, update
+from train import build_optimizer, gradient_function, main as train_main, update
 from utils import DeviceReplayBuffer, ReplayBuffer, preprocess_observation, set_matmul_precision
 
 pytestmark = pytest.mark.device
@@ -76,7 +79,7 @@ def update_steps(config, device, weights, seed=0):
     set_matmul_precision(device, config.tf32)
     model = WorldModel(2, **TINY_MODEL, model=config.model, bf16=config.bf16).to(device)
     model.load_state_dict(weights)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, eps=config.adam_epsilon)
+    optimizer = build_optimizer(model, config)  # Fused, as train.py's.
     gradients = gradient_function(model, device, config.compile_update, config.capture_update)
     torch.manual_seed(seed)  # The posterior samples' noise (the CUDA generator too).
     for i in range(CALLS):
@@ -161,6 +164,21 @@ def test_host_sync_refusal_bites(device):
     """The check above fails on an op that syncs."""
     with pytest.raises(AssertionError, match="syncs with the host"), RefuseHostSyncs():
         float(torch.ones(2, device=device).sum())
+
+
+def test_graph_keys_keep_no_model_alive():
+    """The planner's graphs are cached for the process's life (`agent.captured_cem_plan`): their
+    keys hold a module weakly, with its mode, and a gone module's key matches no new module."""
+    from capture import signature
+    model = torch.nn.Linear(2, 2)
+    key = signature(model)
+    assert key == signature(model) and hash(key) == hash(signature(model))
+    assert key != signature(torch.nn.Linear(2, 2)) and key != signature(model.eval())
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None, "the key let the model go"
+    assert key != signature(torch.nn.Linear(2, 2).train())
 
 
 @pytest.mark.parametrize("path", ["capture_planner", "all"])
