@@ -9,6 +9,7 @@ import shlex
 
 import pytest
 
+from config import parse_args
 from conftest import ROOT
 
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -122,6 +123,32 @@ def test_every_command_parses(document, script, arguments, monkeypatch):
     def parse_then_stop(self, args=None, namespace=None):
         raise Parsed(parse(self, args, namespace))
 
-    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
-    with pytest.raises(Parsed):
-        module.main(arguments)
+    with monkeypatch.context() as patch:
+        patch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+        with pytest.raises(Parsed):
+            module.main(arguments)
+    if script == "train.py" and checkable(arguments):
+        config_checks(arguments)
+
+
+def checkable(arguments):
+    """Whether train.py's checks after argparse can judge a documented command here: not a resume
+    of a run that the document made before, nor a task in the reader's own module (`my_envs`)."""
+    return "--resume" not in arguments and not any("my_envs" in argument for argument in arguments)
+
+
+def config_checks(arguments):
+    """train.py's own checks of a command line beyond argparse (the task, the preset, the model,
+    the sizes), without training; pytest fails on their exit."""
+    try:
+        parse_args(arguments)
+    except SystemExit:
+        pytest.fail(f"train.py refuses: {' '.join(arguments)}")
+
+
+def test_the_config_checks_catch_what_argparse_lets_through(capsys):
+    """A misspelt task, preset and model parse, and train.py refuses them: argparse alone would
+    pass this command."""
+    arguments = ["--task", "cheetah-rn", "--preset", "smal", "--model", "lstm"]
+    with pytest.raises(pytest.fail.Exception, match="train.py refuses"):
+        config_checks(arguments)
