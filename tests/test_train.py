@@ -2,6 +2,7 @@
 import dataclasses
 import inspect
 
+import numpy as np
 import pytest
 import torch
 
@@ -113,12 +114,15 @@ def test_bad_camera_ready_options_are_refused(flag, value, capsys):
 @pytest.mark.parametrize("alignment", ["incoming", "outgoing"])
 def test_update_gives_the_loss_the_aligned_chunks_and_states(alignment, monkeypatch):
     """The replay's chunks of L (+ 1 for outgoing rewards) steps reach the loss as L steps, aligned
-    as `outgoing_reward_chunks` makes them, with the states by key."""
+    as `outgoing_reward_chunks` makes them, with the states by key: two of one size, in an order
+    that is not alphabetical, so that a sort anywhere would swap their targets unseen."""
+    sizes = {"velocity": 3, "position": 3}
     config = Config(batch_size=3, chunk_length=4, reward_alignment=alignment, state_heads="loss", **TINY_MODEL)
-    model = WorldModel(2, **TINY_MODEL, state_heads="loss", state_sizes={"position": 3})
-    episode = make_episode(1, 10)
-    episode["state_position"] = torch.randn(11, 3).numpy()
-    buffer = build_replay(config, "cpu", {"position": 3})
+    model = WorldModel(2, **TINY_MODEL, state_heads="loss", state_sizes=sizes)
+    episode = make_episode(1, 10)  # Its reward at step t is t.
+    step = np.arange(11, dtype=np.float32)[:, None].repeat(3, 1)
+    episode["state_velocity"], episode["state_position"] = 100 + step, -1 - step  # Told apart.
+    buffer = build_replay(config, "cpu", sizes)
     buffer.add(episode)
     batch = BatchPrefetcher(buffer, config.batch_size, count=1, device="cpu").batch()
     seen = {}
@@ -129,15 +133,19 @@ def test_update_gives_the_loss_the_aligned_chunks_and_states(alignment, monkeypa
 
     monkeypatch.setattr(model, "loss", loss)
     update(model, torch.optim.Adam(model.parameters()), batch, config, step=0)
-    obs, actions, rewards, positions = batch
+    obs, actions, rewards, *states = batch
     if alignment == "outgoing":
         assert len(obs) == 5
-        obs, rewards, positions = obs[:-1], rewards[1:], positions[:-1]
+        obs, rewards, states = obs[:-1], rewards[1:], [state[:-1] for state in states]
         actions = torch.cat([0 * actions[:1], actions[1:-1]])
     for name, expected in (("obs", obs), ("actions", actions), ("rewards", rewards)):
         torch.testing.assert_close(seen[name], expected, rtol=0, atol=0)
-    assert list(seen["states"]) == ["position"]
-    torch.testing.assert_close(seen["states"]["position"], positions, rtol=0, atol=0)
+    assert list(seen["states"]) == ["velocity", "position"]
+    for key, state in zip(sizes, states):
+        torch.testing.assert_close(seen["states"][key], state, rtol=0, atol=0)
+    stored_step = seen["rewards"] - float(alignment == "outgoing")  # An outgoing reward is of t + 1.
+    torch.testing.assert_close(seen["states"]["velocity"], 100 + stored_step[..., None].expand(-1, -1, 3))
+    torch.testing.assert_close(seen["states"]["position"], -1 - stored_step[..., None].expand(-1, -1, 3))
 
 
 def test_unknown_preset_is_refused(capsys):
