@@ -15,7 +15,7 @@ from model import MODELS, TransitionModel, WorldModel, gpu_order
 from runs import load_run
 from test_model import independent_loss
 from test_termination import fixed_batch
-from train import build_optimizer, load_optimizer_state
+from train import build_optimizer, clip_gradients, load_optimizer_state
 
 MAIN_RUN = Path(__file__).parent / "data" / "main-75ce0f0"  # A tiny run from states, by main at 75ce0f0.
 PAPER_PLANNER = {"horizon": 12, "iterations": 10, "candidates": 1000, "top_candidates": 100}
@@ -157,7 +157,7 @@ def test_at_the_papers_sizes_a_gpu_order_launches_a_third_fewer(tmp_path):
     def step():
         optimizer.zero_grad(set_to_none=True)
         model.loss(obs, actions, rewards)[0].backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip_norm, foreach=True)
+        clip_gradients(model, config)
         optimizer.step()
 
     belief, state = model.rssm.initial(1, "cpu")
